@@ -1,0 +1,144 @@
+//! Attention's rows of `fape check`: seeded random inputs at awkward shapes, with and without
+//! norms and RoPE, plus a case whose scores are ~1e4 (the softmax must stay stable).
+
+use super::{attention, reference, rope_tables, AttentionConfig, AttentionInputs, OP, TOLERANCE_F32};
+use crate::backend::Device;
+use crate::check::{CaseSet, CheckRow};
+use crate::error::Result;
+use crate::tensor::Tensor;
+use crate::testing::{rng, uniform};
+
+/// `[B,H,Lq,Lk,D]` of the default cases.
+const DEFAULT_SHAPES: [[usize; 5]; 3] = [[1, 1, 1, 1, 64], [2, 3, 37, 53, 64], [1, 2, 100, 77, 128]];
+
+/// `[B,H,Lq,Lk,D]` added by [`CaseSet::Large`]: FLUX-like token counts.
+const LARGE_SHAPES: [[usize; 5]; 2] = [[1, 24, 1536, 1536, 128], [1, 2, 4608, 4608, 128]];
+
+/// The factor on `q` and `k` of the huge-score case: scores of order 1e4 at `D` = 64.
+const HUGE: f32 = 200.0;
+
+/// The seed of case 0; case `i` uses `SEED + i`.
+const SEED: u64 = 0xA77E_0000;
+
+/// One check case.
+#[derive(Debug, Clone, Copy)]
+struct Case {
+    /// `[B,H,Lq,Lk,D]`.
+    shape: [usize; 5],
+    /// Whether `q_norm`/`k_norm` are given.
+    norms: bool,
+    /// Whether RoPE tables are given.
+    rope: bool,
+    /// The factor on `q` and `k`, whose elements are otherwise in `[-1,1)`.
+    magnitude: f32,
+}
+
+impl Case {
+    fn plain(shape: [usize; 5], norms_and_rope: bool) -> Self {
+        Self { shape, norms: norms_and_rope, rope: norms_and_rope, magnitude: 1.0 }
+    }
+
+    /// The shape column of the check table, such as `2x3x37x53x64 norm+rope`.
+    fn spelling(&self) -> String {
+        let [b, h, lq, lk, d] = self.shape;
+        let extras = match (self.norms, self.rope, self.magnitude != 1.0) {
+            (true, true, _) => " norm+rope",
+            (false, true, true) => " rope huge",
+            (_, _, true) => " huge",
+            _ => "",
+        };
+        format!("{b}x{h}x{lq}x{lk}x{d}{extras}")
+    }
+}
+
+/// The cases of `set`, in table order.
+fn cases(set: CaseSet) -> Vec<Case> {
+    let mut cases: Vec<Case> =
+        DEFAULT_SHAPES.iter().flat_map(|&shape| [Case::plain(shape, false), Case::plain(shape, true)]).collect();
+    cases.push(Case { rope: true, magnitude: HUGE, ..Case::plain(DEFAULT_SHAPES[1], false) });
+    if set == CaseSet::Large {
+        cases.extend(LARGE_SHAPES.iter().map(|&shape| Case::plain(shape, true)));
+    }
+    cases
+}
+
+/// Owned random inputs of one case.
+struct CaseData {
+    q: Tensor<f32>,
+    k: Tensor<f32>,
+    v: Tensor<f32>,
+    norms: Option<(Tensor<f32>, Tensor<f32>)>,
+    rope: Option<(Tensor<f32>, Tensor<f32>)>,
+}
+
+impl CaseData {
+    fn generate(case: &Case, seed: u64) -> Result<Self> {
+        let [b, h, lq, lk, d] = case.shape;
+        let mut rng = rng(seed);
+        let mut random = |shape: Vec<usize>, lo: f32, hi: f32, factor: f32| {
+            let n = shape.iter().product();
+            let data = uniform(&mut rng, n, lo, hi).into_iter().map(|x| x * factor).collect();
+            Tensor::new(data, shape)
+        };
+        let q = random(vec![b, h, lq, d], -1.0, 1.0, case.magnitude)?;
+        let k = random(vec![b, h, lk, d], -1.0, 1.0, case.magnitude)?;
+        let v = random(vec![b, h, lk, d], -1.0, 1.0, 1.0)?;
+        let norms =
+            if case.norms { Some((random(vec![d], 0.5, 1.5, 1.0)?, random(vec![d], 0.5, 1.5, 1.0)?)) } else { None };
+        let rope = if case.rope { Some(rope_tables(lq.max(lk), d)?) } else { None };
+        Ok(Self { q, k, v, norms, rope })
+    }
+
+    fn inputs(&self) -> AttentionInputs<'_, f32> {
+        AttentionInputs {
+            q_norm: self.norms.as_ref().map(|(w, _)| w.view()),
+            k_norm: self.norms.as_ref().map(|(_, w)| w.view()),
+            rope_cos: self.rope.as_ref().map(|(c, _)| c.view()),
+            rope_sin: self.rope.as_ref().map(|(_, s)| s.view()),
+            ..AttentionInputs::new(self.q.view(), self.k.view(), self.v.view())
+        }
+    }
+}
+
+/// Runs every case of `cases` on `device` against [`reference::attention`]; one row per case.
+pub(crate) fn check_rows(device: &Device, cases_set: CaseSet) -> Vec<CheckRow> {
+    cases(cases_set).iter().zip(SEED..).map(|(case, seed)| check_case(device, case, seed)).collect()
+}
+
+fn check_case(device: &Device, case: &Case, seed: u64) -> CheckRow {
+    let op = format!("{OP}.out");
+    let config = AttentionConfig::default();
+    let run = || -> Result<(Tensor<f32>, Tensor<f64>)> {
+        let data = CaseData::generate(case, seed)?;
+        let got = attention(device, &data.inputs(), &config)?;
+        let expected = reference::attention(&data.inputs(), &config)?;
+        Ok((got, expected))
+    };
+    match run() {
+        Ok((got, expected)) => {
+            CheckRow::compared(op, device, case.spelling(), &got.data, &expected.data, TOLERANCE_F32)
+        }
+        Err(err) => CheckRow::errored(op, device, "f32", case.spelling(), err),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::check::Outcome;
+
+    #[test]
+    fn default_cases_pass_on_host_backends() {
+        for device in [Device::Reference, Device::Cpu] {
+            let start = std::time::Instant::now();
+            let rows = check_rows(&device, CaseSet::Default);
+            eprintln!("attention check_rows(Default) on {device:?}: {:?}", start.elapsed());
+            assert_eq!(rows.len(), cases(CaseSet::Default).len());
+            for row in &rows {
+                eprintln!("{row}");
+                assert!(matches!(row.outcome, Outcome::Compared { .. }), "{row}");
+                assert!(!row.failed(), "{row}");
+            }
+        }
+    }
+}

@@ -1,0 +1,220 @@
+//! What the reference and the CPU backend share: the spectral geometry (numpy's `fftfreq`, the
+//! normalised radius, the mask and the band of every bin) and the split of one image, generic
+//! over the FFT's float type so the reference runs it in f64 and the CPU backend in f32.
+//!
+//! Spectra are held transposed (`W x H`, bin `(ky,kx)` at `kx * H + ky`): the row transforms
+//! run on the image as laid out, the column transforms on its transpose, and the mask is
+//! applied there before transforming back the same way.
+
+use std::sync::Arc;
+
+use rustfft::num_complex::Complex;
+use rustfft::{Fft, FftDirection, FftNum};
+
+use super::{FreqSplitConfig, MaskKind};
+use crate::tensor::Real;
+
+/// `numpy.fft.fftfreq(n)[k]`, computed as numpy does: the signed index (`k` below `ceil(n/2)`,
+/// `k - n` from there) times `1/n`.
+pub(crate) fn fftfreq(n: usize, k: usize) -> f64 {
+    let signed = if k < n.div_ceil(2) { k as f64 } else { k as f64 - n as f64 };
+    signed * (1.0 / n as f64)
+}
+
+/// The normalised radius `sqrt(fy^2 + fx^2) / sqrt(0.5)`: 0 at DC, 1 at the Nyquist corner.
+pub(crate) fn rho(fy: f64, fx: f64) -> f64 {
+    (fy * fy + fx * fx).sqrt() / 0.5f64.sqrt()
+}
+
+/// The mask's value at radius `rho`.
+pub(crate) fn mask_value(config: &FreqSplitConfig, rho: f64) -> f64 {
+    match config.mask {
+        MaskKind::Hard => f64::from(u8::from(rho <= config.cutoff)),
+        MaskKind::Gaussian => (-rho * rho / (2.0 * config.cutoff * config.cutoff)).exp(),
+    }
+}
+
+/// The band holding radius `rho`: `i` with `edges[i] <= rho < edges[i+1]`, the last band also
+/// taking `rho == edges[last]`; `None` outside the edges.
+pub(crate) fn band_of(edges: &[f64], rho: f64) -> Option<usize> {
+    let at_or_below = edges.partition_point(|&e| e <= rho);
+    let nbands = edges.len() - 1;
+    match at_or_below {
+        0 => None,
+        i if i <= nbands => Some(i - 1),
+        _ if edges.last() == Some(&rho) => Some(nbands - 1),
+        _ => None,
+    }
+}
+
+/// The mask and band of every bin of an `H x W` spectrum, in the transposed layout.
+pub(crate) struct SpectralMap<F> {
+    height: usize,
+    width: usize,
+    mask: Vec<F>,
+    /// The bin's band, or [`NO_BAND`].
+    band: Vec<u32>,
+}
+
+/// A bin outside every band.
+const NO_BAND: u32 = u32::MAX;
+
+impl<F: Real> SpectralMap<F> {
+    /// The map of an `height x width` spectrum under `config` (validated).
+    pub fn new(height: usize, width: usize, config: &FreqSplitConfig) -> Self {
+        let (mut mask, mut band) = (Vec::with_capacity(height * width), Vec::with_capacity(height * width));
+        for kx in 0..width {
+            let fx = fftfreq(width, kx);
+            for ky in 0..height {
+                let r = rho(fftfreq(height, ky), fx);
+                mask.push(F::from_f64(mask_value(config, r)));
+                band.push(band_of(&config.edges, r).map_or(NO_BAND, |b| b as u32));
+            }
+        }
+        Self {
+            height,
+            width,
+            mask,
+            band,
+        }
+    }
+}
+
+/// The four transforms of an `H x W` image.
+pub(crate) struct Plans<F> {
+    row_forward: Arc<dyn Fft<F>>,
+    row_inverse: Arc<dyn Fft<F>>,
+    col_forward: Arc<dyn Fft<F>>,
+    col_inverse: Arc<dyn Fft<F>>,
+}
+
+impl<F: FftNum> Plans<F> {
+    /// Plans for `height x width` images from `plan(len, direction)`.
+    pub fn new(height: usize, width: usize, mut plan: impl FnMut(usize, FftDirection) -> Arc<dyn Fft<F>>) -> Self {
+        Self {
+            row_forward: plan(width, FftDirection::Forward),
+            row_inverse: plan(width, FftDirection::Inverse),
+            col_forward: plan(height, FftDirection::Forward),
+            col_inverse: plan(height, FftDirection::Inverse),
+        }
+    }
+
+    fn scratch_len(&self) -> usize {
+        [&self.row_forward, &self.row_inverse, &self.col_forward, &self.col_inverse]
+            .iter()
+            .map(|p| p.get_inplace_scratch_len())
+            .max()
+            .unwrap_or(0)
+    }
+}
+
+/// Buffers for one image at a time, reused across images.
+pub(crate) struct Workspace<F> {
+    rows: Vec<Complex<F>>,
+    cols: Vec<Complex<F>>,
+    scratch: Vec<Complex<F>>,
+}
+
+impl<F: FftNum> Workspace<F> {
+    /// Buffers for images of `pixels` elements transformed with `plans`.
+    pub fn new(plans: &Plans<F>, pixels: usize) -> Self {
+        let zero = Complex::new(F::zero(), F::zero());
+        Self {
+            rows: vec![zero; pixels],
+            cols: vec![zero; pixels],
+            scratch: vec![zero; plans.scratch_len()],
+        }
+    }
+}
+
+/// Splits one image `x` (`H x W`, row-major): writes `low` and `high` (`H x W`) and the band
+/// energies `energy` (`nbands`), the latter summed in f64.
+pub(crate) fn split_image<F: FftNum + Real>(
+    plans: &Plans<F>,
+    map: &SpectralMap<F>,
+    ws: &mut Workspace<F>,
+    x: &[F],
+    low: &mut [F],
+    high: &mut [F],
+    energy: &mut [f64],
+) {
+    let (h, w) = (map.height, map.width);
+    let Workspace { rows, cols, scratch } = ws;
+    for (c, &v) in rows.iter_mut().zip(x) {
+        *c = Complex::new(v, F::zero());
+    }
+    plans.row_forward.process_with_scratch(rows, scratch);
+    transpose(rows, cols, h, w);
+    plans.col_forward.process_with_scratch(cols, scratch);
+
+    energy.fill(0.0);
+    for ((c, &m), &b) in cols.iter_mut().zip(&map.mask).zip(&map.band) {
+        if let Some(e) = energy.get_mut(b as usize) {
+            let (re, im) = (c.re.to_f64(), c.im.to_f64());
+            *e += re * re + im * im;
+        }
+        *c = *c * m;
+    }
+    let inv_pixels = 1.0 / (h * w) as f64;
+    energy.iter_mut().for_each(|e| *e *= inv_pixels);
+
+    plans.col_inverse.process_with_scratch(cols, scratch);
+    transpose(cols, rows, w, h);
+    plans.row_inverse.process_with_scratch(rows, scratch);
+    let scale = <F as Real>::from_f64(inv_pixels);
+    for (((l, hi), &v), c) in low.iter_mut().zip(high.iter_mut()).zip(x).zip(rows.iter()) {
+        *l = c.re * scale;
+        *hi = v - *l;
+    }
+}
+
+/// `dst` (`cols x rows`) = the transpose of `src` (`rows x cols`), in cache-sized tiles.
+fn transpose<T: Copy>(src: &[T], dst: &mut [T], rows: usize, cols: usize) {
+    const TILE: usize = 32;
+    for r0 in (0..rows).step_by(TILE) {
+        for c0 in (0..cols).step_by(TILE) {
+            for r in r0..(r0 + TILE).min(rows) {
+                for c in c0..(c0 + TILE).min(cols) {
+                    dst[c * rows + r] = src[r * cols + c];
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fftfreq_matches_numpy_for_even_and_odd_lengths() {
+        let even: Vec<f64> = (0..4).map(|k| fftfreq(4, k)).collect();
+        assert_eq!(even, [0.0, 0.25, -0.5, -0.25]);
+        let odd: Vec<f64> = (0..5).map(|k| fftfreq(5, k)).collect();
+        assert_eq!(odd, [0.0, 0.2, 0.4, -0.4, -0.2]);
+        assert_eq!(fftfreq(1, 0), 0.0);
+    }
+
+    #[test]
+    fn band_of_is_half_open_with_the_last_band_closed() {
+        let edges = [0.0, 0.5, 1.0];
+        assert_eq!(band_of(&edges, 0.0), Some(0));
+        assert_eq!(band_of(&edges, 0.5), Some(1));
+        assert_eq!(band_of(&edges, 1.0), Some(1));
+        assert_eq!(band_of(&[0.2, 0.5], 0.1), None);
+        assert_eq!(band_of(&[0.2, 0.5], 0.6), None);
+    }
+
+    #[test]
+    fn transpose_of_a_non_square_tile_crossing_matrix() {
+        let (rows, cols) = (37, 70);
+        let src: Vec<usize> = (0..rows * cols).collect();
+        let mut dst = vec![0; rows * cols];
+        transpose(&src, &mut dst, rows, cols);
+        for r in 0..rows {
+            for c in 0..cols {
+                assert_eq!(dst[c * rows + r], src[r * cols + c]);
+            }
+        }
+    }
+}

@@ -1,0 +1,116 @@
+//! The harness every backend is checked with, shared by the tests, `fape check` and the
+//! benchmarks: seeded generators, error measures against the f64 references, and skip rules.
+
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+use crate::backend::{Device, DeviceKind};
+use crate::error::FapeError;
+
+/// The environment variable that turns a "backend missing" skip into a failure (CI sets it).
+pub const NO_SKIP_ENV: &str = "FAPE_NO_SKIP";
+
+/// A reproducible generator for test inputs.
+pub fn rng(seed: u64) -> ChaCha8Rng {
+    ChaCha8Rng::seed_from_u64(seed)
+}
+
+/// `n` values uniform in `[lo, hi)`. Never all zeros for `lo < hi`.
+pub fn uniform(rng: &mut ChaCha8Rng, n: usize, lo: f32, hi: f32) -> Vec<f32> {
+    (0..n).map(|_| rng.random_range(lo..hi)).collect()
+}
+
+/// How a backend's output compares to the reference.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Comparison {
+    /// `||got - expected||_2 / ||expected||_2` (the plain norm of the difference when the
+    /// reference is all zeros); infinite when NaNs disagree.
+    pub rel_l2: f64,
+    /// The element with the largest absolute difference: (index, got, expected).
+    pub worst: Option<(usize, f64, f64)>,
+    /// The first index where exactly one of got/expected is NaN.
+    pub nan_mismatch: Option<usize>,
+}
+
+/// Compares `got` with the f64 `expected` (same length). NaN in both places counts as equal.
+pub fn compare<G: crate::Real>(got: &[G], expected: &[f64]) -> Comparison {
+    assert_eq!(got.len(), expected.len(), "compare: length mismatch");
+    let (mut diff2, mut ref2) = (0.0f64, 0.0f64);
+    let mut worst: Option<(usize, f64, f64)> = None;
+    let mut nan_mismatch = None;
+    for (i, (&g, &e)) in got.iter().zip(expected).enumerate() {
+        let g = g.to_f64();
+        match (g.is_nan(), e.is_nan()) {
+            (true, true) => continue,
+            (false, false) => {}
+            _ => {
+                nan_mismatch.get_or_insert(i);
+                continue;
+            }
+        }
+        let d = g - e;
+        diff2 += d * d;
+        ref2 += e * e;
+        if worst.is_none_or(|(_, wg, we)| (wg - we).abs() < d.abs()) {
+            worst = Some((i, g, e));
+        }
+    }
+    let rel_l2 = if nan_mismatch.is_some() || !diff2.is_finite() {
+        f64::INFINITY
+    } else if ref2 > 0.0 {
+        (diff2 / ref2).sqrt()
+    } else {
+        diff2.sqrt()
+    };
+    Comparison {
+        rel_l2,
+        worst,
+        nan_mismatch,
+    }
+}
+
+/// Panics unless `got` is within rel-L2 `tolerance` of `expected`; the message names `what`
+/// and prints the worst index with got, expected and the tolerance.
+pub fn assert_close<G: crate::Real>(what: &str, got: &[G], expected: &[f64], tolerance: f64) {
+    let c = compare(got, expected);
+    if let Some(i) = c.nan_mismatch {
+        panic!(
+            "{what}: NaN mismatch at index {i}: got {}, expected {} (tolerance rel-L2 {tolerance:e})",
+            got[i].to_f64(),
+            expected[i]
+        );
+    }
+    if !(c.rel_l2 <= tolerance) {
+        let (i, g, e) = c.worst.unwrap_or((0, f64::NAN, f64::NAN));
+        panic!(
+            "{what}: rel-L2 {:e} > tolerance {tolerance:e}; worst at index {i}: got {g:e}, expected {e:e}",
+            c.rel_l2
+        );
+    }
+}
+
+/// Whether a missing backend must fail instead of skip (`FAPE_NO_SKIP=1`).
+pub fn skips_are_failures() -> bool {
+    std::env::var(NO_SKIP_ENV).is_ok_and(|v| !v.is_empty() && v != "0")
+}
+
+/// Opens `kind` for a test. When it is unavailable, prints `SKIP` with the reason and
+/// returns `None`, or panics under `FAPE_NO_SKIP=1`. Outputs of GPU devices are poisoned.
+pub fn device_or_skip(test: &str, kind: DeviceKind) -> Option<Device> {
+    match Device::open(kind) {
+        Ok(d) => Some(d.poisoned(true)),
+        Err(err @ FapeError::BackendUnavailable { .. }) => {
+            skip(test, &err.to_string());
+            None
+        }
+        Err(err) => panic!("{test}: opening {kind} failed: {err}"),
+    }
+}
+
+/// Reports a skipped test: prints the reason, or panics under `FAPE_NO_SKIP=1`.
+pub fn skip(test: &str, reason: &str) {
+    if skips_are_failures() {
+        panic!("{test}: {reason} (and {NO_SKIP_ENV} is set, so this skip is a failure)");
+    }
+    eprintln!("SKIP {test}: {reason}");
+}

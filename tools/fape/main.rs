@@ -1,0 +1,61 @@
+//! `fape`: run the FAPE-IR hot-path ops on tensors from safetensors files, list the backends,
+//! and check every backend against the f64 references.
+//!
+//! Exit codes: 0 success, 1 a check failed, 2 bad input or an unavailable backend (one line on
+//! stderr naming the tensor, flag or file at fault).
+
+mod check;
+mod op;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+/// Exit code for bad input (flags, files, tensors) and unavailable backends.
+const EXIT_BAD_INPUT: u8 = 2;
+
+#[derive(Parser)]
+#[command(name = "fape", version, about = "FAPE-IR executor kernels: run, list backends, check against the references")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run one op on the tensors of a safetensors file and write its outputs.
+    Op(op::OpArgs),
+    /// List the backends found here and why any is missing.
+    Devices,
+    /// Run every op on every available backend against the f64 reference.
+    Check(check::CheckArgs),
+}
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(err) => {
+            if err.use_stderr() {
+                let rendered = err.render().to_string();
+                let first = rendered.lines().next().unwrap_or("invalid arguments");
+                eprintln!("{first} (see `fape --help`)");
+                return ExitCode::from(EXIT_BAD_INPUT);
+            }
+            print!("{err}");
+            return ExitCode::SUCCESS;
+        }
+    };
+    let result = match cli.command {
+        Command::Op(args) => op::run(args).map(|()| ExitCode::SUCCESS),
+        Command::Devices => {
+            check::devices();
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Check(args) => check::run(args),
+    };
+    result.unwrap_or_else(|err| {
+        let message = err.to_string();
+        eprintln!("error: {}", message.lines().next().unwrap_or_default());
+        ExitCode::from(EXIT_BAD_INPUT)
+    })
+}
