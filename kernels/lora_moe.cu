@@ -14,58 +14,62 @@
 //
 // with zero padding outside [0, T) of the same image. x, out: [B, T, C]; h: [taps].
 //
-// Design. A block owns one image b, a tile of TOKENS output tokens and CHANNELS channels.
-// The 32 lanes of a warp run along channels, so every global load and store is one coalesced
-// 128-byte row segment and every shared-memory access is bank-conflict free. The taps are
-// processed in chunks of TAP_CHUNK: for each chunk the block stages the TOKENS + TAP_CHUNK - 1
-// input rows that chunk touches (zeros outside the image) plus the chunk's weights in shared
-// memory, so shared memory is fixed whatever `taps` is. Each thread accumulates
-// ROWS_PER_THREAD consecutive output tokens of one channel in registers and slides a register
+// Design. A block owns one image b, a tile of ROW_GROUPS * ROWS output tokens and CHANNELS
+// channels. The 32 lanes of a warp run along channels, so every global load and store is one
+// coalesced 128-byte row segment and every shared-memory access is bank-conflict free. The
+// taps are processed in chunks of TAP_CHUNK: for each chunk the block stages the
+// tile + TAP_CHUNK - 1 input rows that chunk touches (zeros outside the image) plus the chunk's
+// weights in shared memory, so shared memory is fixed whatever `taps` is. Each thread
+// accumulates ROWS consecutive output tokens of one channel in registers and slides a register
 // window down the staged rows: one shared load of x and one broadcast load of h per tap feed
-// ROWS_PER_THREAD FMAs. The tap loop is unrolled by ROWS_PER_THREAD so that the window's
-// shift is register renaming, not moves. For one output the taps are summed in ascending j,
-// as the reference does.
+// ROWS FMAs. For one output the taps are summed in ascending j, as the reference does.
+//
+// Two instantiations (measured on an H200, see src/lora_moe/cuda.rs):
+//   token_lowpass_f32       ROWS = 8, tap loop rolled: 32 registers, full occupancy; best for
+//                           short filters, where the op is bound by memory bandwidth.
+//   token_lowpass_long_f32  ROWS = 16, tap loop unrolled by ROWS (the window's shift becomes
+//                           register renaming): 2 FMAs per shared load instead of 1; best for
+//                           long filters, where the op is bound by the FMA / shared-load issue.
 // ---------------------------------------------------------------------------------------------
 
 namespace token_lowpass_cfg {
 constexpr int CHANNELS = 32;                             // = blockDim.x (one warp wide)
 constexpr int ROW_GROUPS = 8;                            // = blockDim.y
-constexpr int ROWS_PER_THREAD = 8;                       // consecutive tokens per thread
-constexpr int TOKENS = ROW_GROUPS * ROWS_PER_THREAD;     // output tokens per block
+constexpr int THREADS = CHANNELS * ROW_GROUPS;
 constexpr int TAP_CHUNK = 64;                            // taps staged per pass
-constexpr int STAGED_ROWS = TOKENS + TAP_CHUNK - 1;      // input rows staged per pass
-static_assert(TAP_CHUNK % ROWS_PER_THREAD == 0, "the unrolled tap loop steps by ROWS_PER_THREAD");
-static_assert(TAP_CHUNK <= CHANNELS * ROW_GROUPS, "one thread stages each weight");
+constexpr int SHORT_ROWS = 8;                            // tokens per thread, token_lowpass_f32
+constexpr int LONG_ROWS = 16;                            // tokens per thread, token_lowpass_long_f32
+static_assert(TAP_CHUNK <= THREADS, "one thread stages each weight");
 }  // namespace token_lowpass_cfg
 
-// One tap for ROWS_PER_THREAD outputs: shift the window by one row, append staged row `next`,
+// One tap for ROWS outputs: shift the window by one row, append staged value `next`,
 // accumulate weight `w` times the window.
-__device__ __forceinline__ void token_lowpass_tap(float (&window)[token_lowpass_cfg::ROWS_PER_THREAD],
-                                                  float (&acc)[token_lowpass_cfg::ROWS_PER_THREAD],
-                                                  float next,
-                                                  float w)
+template <int ROWS>
+__device__ __forceinline__ void token_lowpass_tap(float (&window)[ROWS], float (&acc)[ROWS], float next, float w)
 {
-    constexpr int R = token_lowpass_cfg::ROWS_PER_THREAD;
 #pragma unroll
-    for (int i = 0; i + 1 < R; ++i) window[i] = window[i + 1];
-    window[R - 1] = next;
+    for (int i = 0; i + 1 < ROWS; ++i) window[i] = window[i + 1];
+    window[ROWS - 1] = next;
 #pragma unroll
-    for (int i = 0; i < R; ++i) acc[i] = fmaf(w, window[i], acc[i]);
+    for (int i = 0; i < ROWS; ++i) acc[i] = fmaf(w, window[i], acc[i]);
 }
 
-// Grid: x = token tile * channel tiles + channel tile (channel tile fastest), y = images
-// (grid-stride over b when B exceeds gridDim.y). Block: (CHANNELS, ROW_GROUPS, 1).
-extern "C" __global__ void __launch_bounds__(token_lowpass_cfg::CHANNELS * token_lowpass_cfg::ROW_GROUPS)
-token_lowpass_f32(const float* __restrict__ x,
-                  const float* __restrict__ h,
-                  float* __restrict__ out,
-                  int batch,
-                  int tokens,
-                  int channels,
-                  int taps)
+// The body of both entry points. Grid: x = token tile * channel tiles + channel tile (channel
+// tile fastest), y = images (grid-stride over b when B exceeds gridDim.y).
+// Block: (CHANNELS, ROW_GROUPS, 1).
+template <int ROWS, bool UNROLL_TAPS>
+__device__ __forceinline__ void token_lowpass_body(const float* __restrict__ x,
+                                                   const float* __restrict__ h,
+                                                   float* __restrict__ out,
+                                                   int batch,
+                                                   int tokens,
+                                                   int channels,
+                                                   int taps)
 {
     using namespace token_lowpass_cfg;
-    constexpr int R = ROWS_PER_THREAD;
+    constexpr int TOKENS = ROW_GROUPS * ROWS;            // output tokens per block
+    constexpr int STAGED_ROWS = TOKENS + TAP_CHUNK - 1;  // input rows staged per pass
+    static_assert(!UNROLL_TAPS || TAP_CHUNK % ROWS == 0, "the unrolled tap loop steps by ROWS");
     __shared__ float staged[STAGED_ROWS * CHANNELS];
     __shared__ float weights[TAP_CHUNK];
 
@@ -77,18 +81,18 @@ token_lowpass_f32(const float* __restrict__ x,
     const int token_tile = blockIdx.x / channel_tiles;
     const int c = channel_tile * CHANNELS + lane;
     const int t0 = token_tile * TOKENS;                  // first output token of the tile
-    const int r0 = group * R;                            // this thread's first row in the tile
+    const int r0 = group * ROWS;                         // this thread's first row in the tile
     const int half = (taps - 1) / 2;
     const bool channel_ok = c < channels;
-    const float* __restrict__ column = staged + lane;    // this thread's channel of `staged`
+    const float* column = staged + lane;                 // this thread's channel of `staged`
 
     for (int b = blockIdx.y; b < batch; b += gridDim.y) {
         const long long image = (long long)b * tokens * channels;
         const float* __restrict__ xb = x + image;
 
-        float acc[R];
+        float acc[ROWS];
 #pragma unroll
-        for (int i = 0; i < R; ++i) acc[i] = 0.0f;
+        for (int i = 0; i < ROWS; ++i) acc[i] = 0.0f;
 
         for (int k0 = 0; k0 < taps; k0 += TAP_CHUNK) {
             const int kc = min(TAP_CHUNK, taps - k0);    // taps in this chunk
@@ -96,7 +100,6 @@ token_lowpass_f32(const float* __restrict__ x,
             const int first = t0 - half + k0;            // token of staged row 0
 
             __syncthreads();                             // previous chunk / image is consumed
-#pragma unroll 4
             for (int r = group; r < rows; r += ROW_GROUPS) {
                 const int t = first + r;
                 float v = 0.0f;
@@ -107,25 +110,53 @@ token_lowpass_f32(const float* __restrict__ x,
             __syncthreads();
 
             // window[i] holds staged row r0 + j + i while tap j of the chunk is applied.
-            float window[R];
+            float window[ROWS];
 #pragma unroll
-            for (int i = 1; i < R; ++i) window[i] = column[(r0 + i - 1) * CHANNELS];
+            for (int i = 1; i < ROWS; ++i) window[i] = column[(r0 + i - 1) * CHANNELS];
             int j = 0;
-            for (; j + R <= kc; j += R) {
+            if (UNROLL_TAPS) {
+                for (; j + ROWS <= kc; j += ROWS) {
 #pragma unroll
-                for (int jj = 0; jj < R; ++jj)
-                    token_lowpass_tap(window, acc, column[(r0 + j + jj + R - 1) * CHANNELS], weights[j + jj]);
+                    for (int jj = 0; jj < ROWS; ++jj)
+                        token_lowpass_tap(window, acc, column[(r0 + j + jj + ROWS - 1) * CHANNELS], weights[j + jj]);
+                }
             }
             for (; j < kc; ++j)
-                token_lowpass_tap(window, acc, column[(r0 + j + R - 1) * CHANNELS], weights[j]);
+                token_lowpass_tap(window, acc, column[(r0 + j + ROWS - 1) * CHANNELS], weights[j]);
         }
 
         if (channel_ok) {
 #pragma unroll
-            for (int i = 0; i < R; ++i) {
+            for (int i = 0; i < ROWS; ++i) {
                 const int t = t0 + r0 + i;
                 if (t < tokens) out[image + (long long)t * channels + c] = acc[i];
             }
         }
     }
+}
+
+// Short filters. Grid x covers ceil(C / 32) * ceil(T / 64) tiles.
+extern "C" __global__ void __launch_bounds__(token_lowpass_cfg::THREADS)
+token_lowpass_f32(const float* __restrict__ x,
+                  const float* __restrict__ h,
+                  float* __restrict__ out,
+                  int batch,
+                  int tokens,
+                  int channels,
+                  int taps)
+{
+    token_lowpass_body<token_lowpass_cfg::SHORT_ROWS, false>(x, h, out, batch, tokens, channels, taps);
+}
+
+// Long filters. Grid x covers ceil(C / 32) * ceil(T / 128) tiles.
+extern "C" __global__ void __launch_bounds__(token_lowpass_cfg::THREADS)
+token_lowpass_long_f32(const float* __restrict__ x,
+                       const float* __restrict__ h,
+                       float* __restrict__ out,
+                       int batch,
+                       int tokens,
+                       int channels,
+                       int taps)
+{
+    token_lowpass_body<token_lowpass_cfg::LONG_ROWS, true>(x, h, out, batch, tokens, channels, taps);
 }

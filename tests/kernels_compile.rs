@@ -14,17 +14,21 @@ use fape_kernels::FapeError;
 
 const ARCHS: &[&str] = &["sm_80", "sm_90a"];
 
-/// Prints `SKIP: reason`, or panics when skips are forbidden by `FAPE_NO_SKIP=1`.
+/// Prints `SKIP: reason`, or panics when skips are failures (`FAPE_NO_SKIP=1`, as in CI).
 fn skip(reason: &str) {
-    if std::env::var("FAPE_NO_SKIP").is_ok_and(|v| v == "1") {
-        panic!("FAPE_NO_SKIP=1 but this test would skip: {reason}");
+    if fape_kernels::testing::skips_are_failures() {
+        panic!("FAPE_NO_SKIP is set but this test would skip: {reason}");
     }
     println!("SKIP: {reason}");
 }
 
 /// Compiles a trivial kernel to find out whether NVRTC is usable; the reason when not.
 fn nvrtc_missing() -> Option<String> {
-    match compile_ptx("probe.cu", "extern \"C\" __global__ void probe() {}", "sm_80") {
+    match compile_ptx(
+        "probe.cu",
+        "extern \"C\" __global__ void probe() {}",
+        "sm_80",
+    ) {
         Ok(_) => None,
         Err(FapeError::BackendUnavailable { reason, .. }) => Some(reason),
         Err(other) => panic!("NVRTC is present but cannot compile an empty kernel: {other}"),
@@ -70,7 +74,12 @@ fn parse_ptxas(log: &str) -> Vec<KernelStats> {
                     .unwrap_or(0);
             } else if let Some(rest) = line.split("Used ").nth(1) {
                 k.registers = Some(first_number(rest));
-                k.shared = line.split("registers,").nth(1).unwrap_or("").trim().to_string();
+                k.shared = line
+                    .split("registers,")
+                    .nth(1)
+                    .unwrap_or("")
+                    .trim()
+                    .to_string();
             }
         }
     }
@@ -106,13 +115,19 @@ fn ptxas(ptxas: &Path, ptx: &str, arch: &str, file: &str) -> Vec<KernelStats> {
         String::from_utf8_lossy(&result.stderr)
     );
     let _ = std::fs::remove_dir_all(&dir);
-    assert!(result.status.success(), "ptxas failed on {file} for {arch}:\n{log}");
+    assert!(
+        result.status.success(),
+        "ptxas failed on {file} for {arch}:\n{log}"
+    );
     assert!(
         !log.to_lowercase().contains("warning"),
         "ptxas warned on {file} for {arch}:\n{log}"
     );
     let stats = parse_ptxas(&log);
-    assert!(!stats.is_empty(), "no entry functions found in ptxas output for {file}/{arch}:\n{log}");
+    assert!(
+        !stats.is_empty(),
+        "no entry functions found in ptxas output for {file}/{arch}:\n{log}"
+    );
     stats
 }
 
@@ -124,7 +139,8 @@ fn every_kernel_compiles_and_assembles_without_spills() {
     let mut ptxs = Vec::new();
     for &(file, source) in KERNEL_SOURCES {
         for &arch in ARCHS {
-            let (ptx, log) = compile_ptx_with_log(file, source, arch).unwrap_or_else(|e| panic!("{e}"));
+            let (ptx, log) =
+                compile_ptx_with_log(file, source, arch).unwrap_or_else(|e| panic!("{e}"));
             assert!(log.is_empty(), "NVRTC warned on {file} for {arch}:\n{log}");
             let text = ptx.to_src();
             assert!(text.contains(".entry"), "{file}/{arch}: PTX has no kernel");
@@ -149,10 +165,16 @@ fn every_kernel_compiles_and_assembles_without_spills() {
                 k.shared
             );
             if k.spill_stores != 0 || k.spill_loads != 0 {
-                failures.push(format!("{file} {arch} {}: spills ({} stores, {} loads)", k.name, k.spill_stores, k.spill_loads));
+                failures.push(format!(
+                    "{file} {arch} {}: spills ({} stores, {} loads)",
+                    k.name, k.spill_stores, k.spill_loads
+                ));
             }
             if k.registers.is_none() {
-                failures.push(format!("{file} {arch} {}: no register count in ptxas output", k.name));
+                failures.push(format!(
+                    "{file} {arch} {}: no register count in ptxas output",
+                    k.name
+                ));
             }
         }
     }
@@ -171,7 +193,10 @@ fn broken_source_reports_nvrtc_log() {
         }) => {
             assert_eq!(kernel, "broken.cu");
             assert_eq!(arch, "sm_80");
-            assert!(log.contains("undeclared_name"), "log lacks the offending name:\n{log}");
+            assert!(
+                log.contains("undeclared_name"),
+                "log lacks the offending name:\n{log}"
+            );
             assert!(log.contains("broken.cu"), "log lacks the file name:\n{log}");
             assert!(log.contains("error"), "log lacks an error:\n{log}");
         }
@@ -185,7 +210,11 @@ fn unknown_arch_is_an_nvrtc_error() {
     if let Some(reason) = nvrtc_missing() {
         return skip(&reason);
     }
-    match compile_ptx("probe.cu", "extern \"C\" __global__ void probe() {}", "sm_1") {
+    match compile_ptx(
+        "probe.cu",
+        "extern \"C\" __global__ void probe() {}",
+        "sm_1",
+    ) {
         Err(FapeError::Nvrtc { arch, .. }) => assert_eq!(arch, "sm_1"),
         other => panic!("expected FapeError::Nvrtc, got {:?}", other.map(|_| ())),
     }
@@ -197,8 +226,12 @@ fn warnings_show_in_the_success_log() {
         return skip(&reason);
     }
     let source = "extern \"C\" __global__ void warns(float* out) { int unused_variable = 1; out[0] = 1.0f; }";
-    let (_, log) = compile_ptx_with_log("warns.cu", source, "sm_80").unwrap_or_else(|e| panic!("{e}"));
-    assert!(log.contains("unused_variable"), "expected a warning in the log, got:\n{log}");
+    let (_, log) =
+        compile_ptx_with_log("warns.cu", source, "sm_80").unwrap_or_else(|e| panic!("{e}"));
+    assert!(
+        log.contains("unused_variable"),
+        "expected a warning in the log, got:\n{log}"
+    );
 }
 
 /// The parser on real `ptxas -v` output (CUDA 13.0) of a kernel forced to spill.
@@ -221,8 +254,14 @@ ptxas info    : Compile time = 33.618 ms";
     assert_eq!(stats.len(), 2);
     assert_eq!(stats[0].name, "spilly");
     assert_eq!(stats[0].registers, Some(24));
-    assert_eq!((stats[0].stack, stats[0].spill_stores, stats[0].spill_loads), (864, 1036, 1316));
+    assert_eq!(
+        (stats[0].stack, stats[0].spill_stores, stats[0].spill_loads),
+        (864, 1036, 1316)
+    );
     assert_eq!(stats[1].name, "clean");
     assert_eq!(stats[1].registers, Some(34));
-    assert_eq!((stats[1].stack, stats[1].spill_stores, stats[1].spill_loads), (0, 0, 0));
+    assert_eq!(
+        (stats[1].stack, stats[1].spill_stores, stats[1].spill_loads),
+        (0, 0, 0)
+    );
 }

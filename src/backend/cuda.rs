@@ -30,7 +30,8 @@ use crate::error::{FapeError, Result};
 const BACKEND: &str = "cuda";
 
 /// `kernels/lora_moe.cu`: the LoRA-MoE kernels (token low-pass, fused expert dispatch).
-pub(crate) const LORA_MOE_CU: (&str, &str) = ("lora_moe.cu", include_str!("../../kernels/lora_moe.cu"));
+pub(crate) const LORA_MOE_CU: (&str, &str) =
+    ("lora_moe.cu", include_str!("../../kernels/lora_moe.cu"));
 
 /// Every kernel source shipped in `kernels/*.cu`, as `(file name, CUDA C source)`.
 ///
@@ -115,7 +116,9 @@ fn no_panic<T>(what: &str, f: impl FnOnce() -> Result<T>) -> Result<T> {
             .cloned()
             .or_else(|| payload.downcast_ref::<&str>().map(|s| s.to_string()))
             .unwrap_or_else(|| "unknown panic".to_string());
-        Err(unavailable(format!("{what}: the CUDA libraries are unusable: {message}")))
+        Err(unavailable(format!(
+            "{what}: the CUDA libraries are unusable: {message}"
+        )))
     })
 }
 
@@ -232,7 +235,12 @@ pub fn compile_ptx_with_log(kernel_file: &str, source: &str, arch: &str) -> Resu
         message,
         log,
     };
-    let nul = || nvrtc_error("source, file name or arch contains a NUL byte".into(), String::new());
+    let nul = || {
+        nvrtc_error(
+            "source, file name or arch contains a NUL byte".into(),
+            String::new(),
+        )
+    };
     if arch.contains('\0') {
         return Err(nul());
     }
@@ -254,7 +262,10 @@ pub fn compile_ptx_with_log(kernel_file: &str, source: &str, arch: &str) -> Resu
         .map(c_text)
         .unwrap_or_else(|e| format!("(nvrtcGetProgramLog failed: {e:?})"));
     if let Err(e) = compiled {
-        return Err(nvrtc_error(format!("{e:?} with options {}", options.join(" ")), log));
+        return Err(nvrtc_error(
+            format!("{e:?} with options {}", options.join(" ")),
+            log,
+        ));
     }
     // SAFETY: see above.
     let ptx = unsafe { nvrtc::result::get_ptx(program.0) }
@@ -275,7 +286,11 @@ impl Drop for Program {
 
 /// A NUL-terminated C string buffer from NVRTC as text.
 fn c_text(buffer: Vec<c_char>) -> String {
-    let bytes: Vec<u8> = buffer.into_iter().take_while(|&c| c != 0).map(|c| c as u8).collect();
+    let bytes: Vec<u8> = buffer
+        .into_iter()
+        .take_while(|&c| c != 0)
+        .map(|c| c as u8)
+        .collect();
     String::from_utf8_lossy(&bytes).into_owned()
 }
 
@@ -331,7 +346,8 @@ impl CudaDevice {
                 driver.0, driver.1, nvrtc.0, nvrtc.1
             )));
         }
-        let count = CudaContext::device_count().map_err(|e| open_error("counting CUDA devices", e))?;
+        let count =
+            CudaContext::device_count().map_err(|e| open_error("counting CUDA devices", e))?;
         let count = usize::try_from(count).unwrap_or(0);
         if ordinal >= count {
             return Err(unavailable(format!(
@@ -369,11 +385,12 @@ impl CudaDevice {
     }
 
     fn probe_checked() -> Result<Vec<String>> {
-        use cudarc::driver::result::device;
         use cu::CUdevice_attribute as A;
+        use cudarc::driver::result::device;
         let nvrtc = nvrtc_version().map_err(unavailable)?;
         let driver = driver_version().map_err(|e| open_error("cuDriverGetVersion", e))?;
-        let count = CudaContext::device_count().map_err(|e| open_error("counting CUDA devices", e))?;
+        let count =
+            CudaContext::device_count().map_err(|e| open_error("counting CUDA devices", e))?;
         if count <= 0 {
             return Err(unavailable("the driver reports no CUDA devices"));
         }
@@ -420,7 +437,11 @@ impl CudaDevice {
             self.driver.1,
             self.nvrtc.0,
             self.nvrtc.1,
-            if self.poison { ", poisoned outputs" } else { "" }
+            if self.poison {
+                ", poisoned outputs"
+            } else {
+                ""
+            }
         )
     }
 
@@ -484,7 +505,11 @@ impl CudaDevice {
     ///
     /// # Errors
     /// As [`CudaDevice::module`]; [`FapeError::Device`] when the module has no such kernel.
-    pub(crate) fn function(&self, (file, source): (&str, &str), name: &str) -> Result<CudaFunction> {
+    pub(crate) fn function(
+        &self,
+        (file, source): (&str, &str),
+        name: &str,
+    ) -> Result<CudaFunction> {
         self.module(file, source)?
             .load_function(name)
             .map_err(dev_err(format!("looking up kernel `{name}` in `{file}`")))
@@ -495,9 +520,10 @@ impl CudaDevice {
     /// # Errors
     /// [`FapeError::Device`] naming `what` when allocation or the copy fails.
     pub(crate) fn upload(&self, what: &str, host: &[f32]) -> Result<CudaSlice<f32>> {
-        self.stream
-            .clone_htod(host)
-            .map_err(dev_err(format!("copying `{what}` ({} f32) to the device", host.len())))
+        self.stream.clone_htod(host).map_err(dev_err(format!(
+            "copying `{what}` ({} f32) to the device",
+            host.len()
+        )))
     }
 
     /// A device buffer of `len` f32 for a kernel output: zeros, or NaN when the handle is
@@ -508,9 +534,13 @@ impl CudaDevice {
     pub(crate) fn output(&self, what: &str, len: usize) -> Result<CudaSlice<f32>> {
         let context = || format!("allocating output `{what}` ({len} f32)");
         if self.poison {
-            self.stream.clone_htod(&vec![f32::NAN; len]).map_err(dev_err(context()))
+            self.stream
+                .clone_htod(&vec![f32::NAN; len])
+                .map_err(dev_err(context()))
         } else {
-            self.stream.alloc_zeros::<f32>(len).map_err(dev_err(context()))
+            self.stream
+                .alloc_zeros::<f32>(len)
+                .map_err(dev_err(context()))
         }
     }
 
@@ -520,8 +550,13 @@ impl CudaDevice {
     /// # Errors
     /// [`FapeError::Device`] naming `what` when the copy or an earlier kernel failed.
     pub(crate) fn download(&self, what: &str, device: &CudaSlice<f32>) -> Result<Vec<f32>> {
-        let context = format!("copying `{what}` back to the host (or an earlier kernel on the stream failed)");
-        let host = self.stream.clone_dtoh(device).map_err(dev_err(context.as_str()))?;
+        let context = format!(
+            "copying `{what}` back to the host (or an earlier kernel on the stream failed)"
+        );
+        let host = self
+            .stream
+            .clone_dtoh(device)
+            .map_err(dev_err(context.as_str()))?;
         self.stream.synchronize().map_err(dev_err(context))?;
         Ok(host)
     }
@@ -552,7 +587,9 @@ pub(crate) fn launch_config(
         return Err(FapeError::Unsupported {
             op,
             backend: BACKEND,
-            what: format!("a launch grid of {grid:?} blocks (CUDA allows 1..2^31-1 x 1..65535 x 1..65535)"),
+            what: format!(
+                "a launch grid of {grid:?} blocks (CUDA allows 1..2^31-1 x 1..65535 x 1..65535)"
+            ),
         });
     }
     Ok(LaunchConfig {

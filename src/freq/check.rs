@@ -5,11 +5,17 @@ use super::reference::freq_split as reference;
 use super::{freq_split, tolerance_f32, FreqSplitConfig, MaskKind, BAND_ENERGY_TOLERANCE, OP};
 use crate::backend::Device;
 use crate::check::{CaseSet, CheckRow};
-use crate::testing::{rng, uniform};
 use crate::tensor::View;
+use crate::testing::{rng, uniform};
 
 /// `[B,C,H,W]` of the default cases: seconds on a CPU for every host backend.
-const DEFAULT_SHAPES: [[usize; 4]; 5] = [[1, 1, 1, 1], [1, 3, 7, 5], [2, 3, 64, 64], [1, 16, 64, 64], [2, 1, 33, 20]];
+const DEFAULT_SHAPES: [[usize; 4]; 5] = [
+    [1, 1, 1, 1],
+    [1, 3, 7, 5],
+    [2, 3, 64, 64],
+    [1, 16, 64, 64],
+    [2, 1, 33, 20],
+];
 
 /// The production image sizes [`CaseSet::Large`] adds.
 const LARGE_SHAPES: [[usize; 4]; 2] = [[1, 3, 512, 512], [1, 1, 1024, 2048]];
@@ -40,7 +46,14 @@ pub(crate) fn check_rows(device: &Device, cases: CaseSet) -> Vec<CheckRow> {
 /// errs (a backend without the op gives a non-failing n/a row).
 fn check_case(device: &Device, shape: [usize; 4], config: &FreqSplitConfig, seed: u64) -> Vec<CheckRow> {
     let x = uniform(&mut rng(seed), shape.iter().product(), -1.0, 1.0);
-    let label = format!("{}x{}x{}x{} {}", shape[0], shape[1], shape[2], shape[3], config.mask.name());
+    let label = format!(
+        "{}x{}x{}x{} {}",
+        shape[0],
+        shape[1],
+        shape[2],
+        shape[3],
+        config.mask.name()
+    );
     let row_name = |output: &str| format!("{OP}.{output}");
     let outputs = View::new(OP, "x", &x, &shape)
         .and_then(|view| Ok((freq_split(device, view, config)?, reference(view, config)?)));
@@ -50,8 +63,22 @@ fn check_case(device: &Device, shape: [usize; 4], config: &FreqSplitConfig, seed
     };
     let tol = tolerance_f32(shape[2], shape[3]);
     vec![
-        CheckRow::compared(row_name("low"), device, label.clone(), &got.low.data, &expected.low.data, tol),
-        CheckRow::compared(row_name("high"), device, label.clone(), &got.high.data, &expected.high.data, tol),
+        CheckRow::compared(
+            row_name("low"),
+            device,
+            label.clone(),
+            &got.low.data,
+            &expected.low.data,
+            tol,
+        ),
+        CheckRow::compared(
+            row_name("high"),
+            device,
+            label.clone(),
+            &got.high.data,
+            &expected.high.data,
+            tol,
+        ),
         CheckRow::compared(
             row_name("band_energy"),
             device,
@@ -77,19 +104,6 @@ mod tests {
             for row in &rows {
                 assert!(!row.failed(), "{row}");
             }
-        }
-    }
-}
-#[cfg(test)]
-mod tmp_probe {
-    use super::*;
-    #[test]
-    fn probe_large() {
-        for device in [Device::Reference, Device::Cpu] {
-            let start = std::time::Instant::now();
-            let rows = check_rows(&device, CaseSet::Large);
-            eprintln!("Large on {device:?}: {:?}", start.elapsed());
-            for r in rows { eprintln!("{r}"); }
         }
     }
 }

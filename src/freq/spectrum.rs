@@ -17,7 +17,11 @@ use crate::tensor::Real;
 /// `numpy.fft.fftfreq(n)[k]`, computed as numpy does: the signed index (`k` below `ceil(n/2)`,
 /// `k - n` from there) times `1/n`.
 pub(crate) fn fftfreq(n: usize, k: usize) -> f64 {
-    let signed = if k < n.div_ceil(2) { k as f64 } else { k as f64 - n as f64 };
+    let signed = if k < n.div_ceil(2) {
+        k as f64
+    } else {
+        k as f64 - n as f64
+    };
     signed * (1.0 / n as f64)
 }
 
@@ -100,11 +104,16 @@ impl<F: FftNum> Plans<F> {
     }
 
     fn scratch_len(&self) -> usize {
-        [&self.row_forward, &self.row_inverse, &self.col_forward, &self.col_inverse]
-            .iter()
-            .map(|p| p.get_inplace_scratch_len())
-            .max()
-            .unwrap_or(0)
+        [
+            &self.row_forward,
+            &self.row_inverse,
+            &self.col_forward,
+            &self.col_inverse,
+        ]
+        .iter()
+        .map(|p| p.get_inplace_scratch_len())
+        .max()
+        .unwrap_or(0)
     }
 }
 

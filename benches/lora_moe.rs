@@ -1,0 +1,49 @@
+//! LoRA-MoE and its token low-pass: the f64 reference, the CPU backend and (for the low-pass,
+//! the one kernel the GPU backends have so far) every GPU backend found, same shapes, one run.
+//! Every host-API call returns host data, so each iteration includes the device sync.
+
+use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+use fape_kernels::lora_moe::{lora_moe, reference, token_lowpass, LoraMoeConfig, LoraMoeInputs, OP};
+use fape_kernels::testing::{rng, uniform};
+use fape_kernels::{Device, DeviceKind, View};
+
+fn devices() -> Vec<Device> {
+    [DeviceKind::Cpu, DeviceKind::Cube, DeviceKind::Cuda]
+        .into_iter()
+        .filter_map(|k| Device::open(k).map_err(|e| eprintln!("bench: skipping {k}: {e}")).ok())
+        .collect()
+}
+
+fn bench_lowpass(c: &mut Criterion) {
+    let mut group = c.benchmark_group("token_lowpass");
+    let shape = [1usize, 1024, 3072];
+    let x = uniform(&mut rng(1), shape.iter().product(), -1.0, 1.0);
+    let view = View::new("bench", "x", &x, &shape).expect("shape");
+    group.throughput(Throughput::Bytes((x.len() * 8) as u64));
+    for device in devices() {
+        group.bench_function(BenchmarkId::new(device.kind().name(), "1x1024x3072"), |b| {
+            b.iter(|| token_lowpass(&device, view, 9, 2.0).expect("lowpass"))
+        });
+    }
+    group.finish();
+}
+
+fn bench_lora_moe(c: &mut Criterion) {
+    let mut group = c.benchmark_group("lora_moe");
+    group.sample_size(10);
+    let (t, d, n, e, r) = (1024usize, 512usize, 512usize, 2usize, 8usize);
+    let mut g = rng(2);
+    let data: Vec<Vec<f32>> = [t * d, n * d, n, e * r * d, e * n * r, e * d].iter().map(|&len| uniform(&mut g, len, -0.5, 0.5)).collect();
+    let shapes: [&[usize]; 6] = [&[1, t, d], &[n, d], &[n], &[e, r, d], &[e, n, r], &[e, d]];
+    let view = |i: usize| View::new(OP, "bench", &data[i], shapes[i]).expect("shape");
+    let inputs = LoraMoeInputs { x: view(0), weight: view(1), bias: Some(view(2)), lora_a: view(3), lora_b: view(4), router: view(5), guidance: None };
+    let config = LoraMoeConfig::default();
+    group.throughput(Throughput::Elements((2 * t * d * n) as u64));
+    let label = format!("T{t} d{d} n{n} E{e} r{r}");
+    group.bench_function(BenchmarkId::new("reference-f64", &label), |b| b.iter(|| reference::lora_moe(&inputs, &config).expect("reference")));
+    group.bench_function(BenchmarkId::new("cpu", &label), |b| b.iter(|| lora_moe(&Device::Cpu, &inputs, &config).expect("cpu")));
+    group.finish();
+}
+
+criterion_group!(benches, bench_lowpass, bench_lora_moe);
+criterion_main!(benches);
