@@ -21,19 +21,26 @@ fn bench(c: &mut Criterion) {
         View::new(OP, "k", &k, &shape).expect("k"),
         View::new(OP, "v", &v, &shape).expect("v"),
     )
-        .with_norms(View::new(OP, "q_norm", &norm, &norm_shape).expect("norm"), View::new(OP, "k_norm", &norm, &norm_shape).expect("norm"))
-        .with_rope(cos.view(), sin.view());
+    .with_norms(
+        View::new(OP, "q_norm", &norm, &norm_shape).expect("norm"),
+        View::new(OP, "k_norm", &norm, &norm_shape).expect("norm"),
+    )
+    .with_rope(cos.view(), sin.view());
     let config = AttentionConfig::default();
     let label = format!("B{b} H{h} L{l} D{d} norm+rope");
     group.throughput(Throughput::Elements((4 * b * h * l * l * d) as u64));
-    group.bench_function(BenchmarkId::new("reference-f64", &label), |bch| bch.iter(|| reference::attention(&inputs, &config).expect("reference")));
+    group.bench_function(BenchmarkId::new("reference-f64", &label), |bch| {
+        bch.iter(|| reference::attention(&inputs, &config).expect("reference"))
+    });
     for kind in [DeviceKind::Cpu, DeviceKind::Cube, DeviceKind::Cuda] {
         let Ok(device) = Device::open(kind) else { continue };
         match attention(&device, &inputs, &config) {
             Err(FapeError::Unsupported { what, .. }) => eprintln!("bench: {kind}: {what}"),
             _ => {
-                    group.bench_function(BenchmarkId::new(kind.name(), &label), |bch| bch.iter(|| attention(&device, &inputs, &config).expect("attention")));
-        }
+                group.bench_function(BenchmarkId::new(kind.name(), &label), |bch| {
+                    bch.iter(|| attention(&device, &inputs, &config).expect("attention"))
+                });
+            }
         }
     }
     group.finish();

@@ -15,13 +15,17 @@ fn bench(c: &mut Criterion) {
         let view = View::new(OP, "x", &x, &shape).expect("shape");
         let label = format!("{}x{}x{}x{}", shape[0], shape[1], shape[2], shape[3]);
         group.throughput(Throughput::Bytes((x.len() * 12) as u64));
-        group.bench_function(BenchmarkId::new("reference-f64", &label), |b| b.iter(|| reference::freq_split(view, &config).expect("reference")));
+        group.bench_function(BenchmarkId::new("reference-f64", &label), |b| {
+            b.iter(|| reference::freq_split(view, &config).expect("reference"))
+        });
         for kind in [DeviceKind::Cpu, DeviceKind::Cube, DeviceKind::Cuda] {
             let Ok(device) = Device::open(kind) else { continue };
             match freq_split(&device, view, &config) {
                 Err(FapeError::Unsupported { what, .. }) => eprintln!("bench: {kind}: {what}"),
                 _ => {
-                    group.bench_function(BenchmarkId::new(kind.name(), &label), |b| b.iter(|| freq_split(&device, view, &config).expect("freq_split")));
+                    group.bench_function(BenchmarkId::new(kind.name(), &label), |b| {
+                        b.iter(|| freq_split(&device, view, &config).expect("freq_split"))
+                    });
                 }
             }
         }

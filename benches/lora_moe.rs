@@ -3,7 +3,7 @@
 //! Every host-API call returns host data, so each iteration includes the device sync.
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
-use fape_kernels::lora_moe::{lora_moe, reference, token_lowpass, LoraMoeConfig, LoraMoeInputs, OP};
+use fape_kernels::lora_moe::{lora_moe, reference, token_lowpass, LoraMoeConfig, LoraMoeDims, LoraMoeTensors};
 use fape_kernels::testing::{rng, uniform};
 use fape_kernels::{Device, DeviceKind, View};
 
@@ -31,17 +31,19 @@ fn bench_lowpass(c: &mut Criterion) {
 fn bench_lora_moe(c: &mut Criterion) {
     let mut group = c.benchmark_group("lora_moe");
     group.sample_size(10);
-    let (t, d, n, e, r) = (1024usize, 512usize, 512usize, 2usize, 8usize);
-    let mut g = rng(2);
-    let data: Vec<Vec<f32>> = [t * d, n * d, n, e * r * d, e * n * r, e * d].iter().map(|&len| uniform(&mut g, len, -0.5, 0.5)).collect();
-    let shapes: [&[usize]; 6] = [&[1, t, d], &[n, d], &[n], &[e, r, d], &[e, n, r], &[e, d]];
-    let view = |i: usize| View::new(OP, "bench", &data[i], shapes[i]).expect("shape");
-    let inputs = LoraMoeInputs { x: view(0), weight: view(1), bias: Some(view(2)), lora_a: view(3), lora_b: view(4), router: view(5), guidance: None };
+    let dims = LoraMoeDims { batch: 1, tokens: 1024, d: 512, n: 512, experts: 2, rank: 8, dg: 512 };
+    let LoraMoeDims { tokens: t, d, n, experts: e, rank: r, .. } = dims;
+    let tensors = LoraMoeTensors::random(2, dims, true);
+    let inputs = tensors.inputs();
     let config = LoraMoeConfig::default();
     group.throughput(Throughput::Elements((2 * t * d * n) as u64));
     let label = format!("T{t} d{d} n{n} E{e} r{r}");
-    group.bench_function(BenchmarkId::new("reference-f64", &label), |b| b.iter(|| reference::lora_moe(&inputs, &config).expect("reference")));
-    group.bench_function(BenchmarkId::new("cpu", &label), |b| b.iter(|| lora_moe(&Device::Cpu, &inputs, &config).expect("cpu")));
+    group.bench_function(BenchmarkId::new("reference-f64", &label), |b| {
+        b.iter(|| reference::lora_moe(&inputs, &config).expect("reference"))
+    });
+    group.bench_function(BenchmarkId::new("cpu", &label), |b| {
+        b.iter(|| lora_moe(&Device::Cpu, &inputs, &config).expect("cpu"))
+    });
     group.finish();
 }
 

@@ -45,9 +45,7 @@ impl CheckRow {
     /// Whether this row counts as a failure.
     pub fn failed(&self) -> bool {
         match &self.outcome {
-            Outcome::Compared {
-                rel_l2, tolerance, ..
-            } => !(rel_l2 <= tolerance),
+            Outcome::Compared { rel_l2, tolerance, .. } => rel_l2.is_nan() || rel_l2 > tolerance,
             Outcome::NotImplemented(_) => false,
             Outcome::Error(_) => true,
         }
@@ -68,11 +66,7 @@ impl CheckRow {
             backend: device.kind(),
             dtype: G::DTYPE,
             shape,
-            outcome: Outcome::Compared {
-                rel_l2: c.rel_l2,
-                tolerance,
-                worst: c.worst,
-            },
+            outcome: Outcome::Compared { rel_l2: c.rel_l2, tolerance, worst: c.worst },
         }
     }
 
@@ -82,13 +76,7 @@ impl CheckRow {
             FapeError::Unsupported { what, .. } => Outcome::NotImplemented(what),
             other => Outcome::Error(other.to_string()),
         };
-        Self {
-            op,
-            backend: device.kind(),
-            dtype,
-            shape,
-            outcome,
-        }
+        Self { op, backend: device.kind(), dtype, shape, outcome }
     }
 }
 
@@ -96,11 +84,7 @@ impl fmt::Display for CheckRow {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let head = format!("{:<24} {:<9} {:<5} {:<26}", self.op, self.backend.name(), self.dtype, self.shape);
         match &self.outcome {
-            Outcome::Compared {
-                rel_l2,
-                tolerance,
-                worst,
-            } => {
+            Outcome::Compared { rel_l2, tolerance, worst } => {
                 write!(f, "{head} {rel_l2:>10.3e} {tolerance:>10.1e} {}", if self.failed() { "FAIL" } else { "pass" })?;
                 if let (true, Some((i, g, e))) = (self.failed(), worst) {
                     write!(f, "  (worst index {i}: got {g:e}, expected {e:e})")?;
@@ -114,7 +98,8 @@ impl fmt::Display for CheckRow {
 }
 
 /// The table header matching [`CheckRow`]'s `Display`.
-pub const HEADER: &str = "op                       backend   dtype shape                          rel-L2  tolerance pass";
+pub const HEADER: &str =
+    "op                       backend   dtype shape                          rel-L2  tolerance pass";
 
 /// Which cases to run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

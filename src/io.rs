@@ -17,10 +17,7 @@ pub struct TensorFile {
 }
 
 fn file_error(path: &str, message: impl Into<String>) -> FapeError {
-    FapeError::File {
-        path: path.to_string(),
-        message: message.into(),
-    }
+    FapeError::File { path: path.to_string(), message: message.into() }
 }
 
 fn to_f32(path: &str, name: &str, dtype: Dtype, bytes: &[u8]) -> Result<Vec<f32>> {
@@ -69,10 +66,7 @@ impl TensorFile {
     /// None in practice: the stored shape always matches the data (kept fallible so a view is
     /// built in one place).
     pub fn optional(&self, op: &'static str, name: &'static str) -> Result<Option<View<'_, f32>>> {
-        self.tensors
-            .get(name)
-            .map(|t| View::new(op, name, &t.data, &t.shape))
-            .transpose()
+        self.tensors.get(name).map(|t| View::new(op, name, &t.data, &t.shape)).transpose()
     }
 }
 

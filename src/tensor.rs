@@ -68,13 +68,7 @@ impl<'a, T> View<'a, T> {
     pub fn new(op: &'static str, tensor: &'static str, data: &'a [T], shape: &'a [usize]) -> Result<Self> {
         let needed: usize = shape.iter().product();
         if needed != data.len() {
-            return Err(FapeError::Layout {
-                op,
-                tensor,
-                len: data.len(),
-                shape: shape.to_vec(),
-                needed,
-            });
+            return Err(FapeError::Layout { op, tensor, len: data.len(), shape: shape.to_vec(), needed });
         }
         Ok(Self { data, shape })
     }
@@ -107,31 +101,19 @@ impl<T> Tensor<T> {
     pub fn new(data: Vec<T>, shape: Vec<usize>) -> Result<Self> {
         let needed: usize = shape.iter().product();
         if needed != data.len() {
-            return Err(FapeError::Layout {
-                op: "tensor",
-                tensor: "data",
-                len: data.len(),
-                shape,
-                needed,
-            });
+            return Err(FapeError::Layout { op: "tensor", tensor: "data", len: data.len(), shape, needed });
         }
         Ok(Self { data, shape })
     }
 
     /// A borrowed view of the tensor.
     pub fn view(&self) -> View<'_, T> {
-        View {
-            data: &self.data,
-            shape: &self.shape,
-        }
+        View { data: &self.data, shape: &self.shape }
     }
 
     /// The same extents with every element mapped through `f`.
     pub fn map<U>(&self, f: impl Fn(&T) -> U) -> Tensor<U> {
-        Tensor {
-            data: self.data.iter().map(f).collect(),
-            shape: self.shape.clone(),
-        }
+        Tensor { data: self.data.iter().map(f).collect(), shape: self.shape.clone() }
     }
 }
 
@@ -149,12 +131,7 @@ pub(crate) fn expect_shape<T>(
     if ok {
         Ok(())
     } else {
-        Err(FapeError::Shape {
-            op,
-            tensor,
-            expected: expected.to_string(),
-            actual: shape.to_vec(),
-        })
+        Err(FapeError::Shape { op, tensor, expected: expected.to_string(), actual: shape.to_vec() })
     }
 }
 

@@ -7,8 +7,13 @@ use rand_chacha::ChaCha8Rng;
 use crate::backend::{Device, DeviceKind};
 use crate::error::FapeError;
 
-/// The environment variable that turns a "backend missing" skip into a failure (CI sets it).
+/// The environment variable that turns a "Vulkan adapter or NVRTC missing" skip into a failure
+/// (CI sets it).
 pub const NO_SKIP_ENV: &str = "FAPE_NO_SKIP";
+
+/// The environment variable that turns a "no CUDA device" skip into a failure: set it on a GPU
+/// machine. (CI has no GPU, so [`NO_SKIP_ENV`] does not reach CUDA devices.)
+pub const TEST_CUDA_ENV: &str = "FAPE_TEST_CUDA";
 
 /// A reproducible generator for test inputs.
 pub fn rng(seed: u64) -> ChaCha8Rng {
@@ -62,11 +67,7 @@ pub fn compare<G: crate::Real>(got: &[G], expected: &[f64]) -> Comparison {
     } else {
         diff2.sqrt()
     };
-    Comparison {
-        rel_l2,
-        worst,
-        nan_mismatch,
-    }
+    Comparison { rel_l2, worst, nan_mismatch }
 }
 
 /// Panics unless `got` is within rel-L2 `tolerance` of `expected`; the message names `what`
@@ -80,7 +81,7 @@ pub fn assert_close<G: crate::Real>(what: &str, got: &[G], expected: &[f64], tol
             expected[i]
         );
     }
-    if !(c.rel_l2 <= tolerance) {
+    if c.rel_l2.is_nan() || c.rel_l2 > tolerance {
         let (i, g, e) = c.worst.unwrap_or((0, f64::NAN, f64::NAN));
         panic!(
             "{what}: rel-L2 {:e} > tolerance {tolerance:e}; worst at index {i}: got {g:e}, expected {e:e}",
@@ -89,18 +90,24 @@ pub fn assert_close<G: crate::Real>(what: &str, got: &[G], expected: &[f64], tol
     }
 }
 
-/// Whether a missing backend must fail instead of skip (`FAPE_NO_SKIP=1`).
-pub fn skips_are_failures() -> bool {
-    std::env::var(NO_SKIP_ENV).is_ok_and(|v| !v.is_empty() && v != "0")
+fn env_flag(name: &str) -> bool {
+    std::env::var(name).is_ok_and(|v| !v.is_empty() && v != "0")
 }
 
-/// Opens `kind` for a test. When it is unavailable, prints `SKIP` with the reason and
-/// returns `None`, or panics under `FAPE_NO_SKIP=1`. Outputs of GPU devices are poisoned.
+/// Whether a missing Vulkan adapter or NVRTC must fail instead of skip (`FAPE_NO_SKIP=1`).
+pub fn skips_are_failures() -> bool {
+    env_flag(NO_SKIP_ENV)
+}
+
+/// Opens `kind` for a test, with poisoned outputs. When it is unavailable, prints `SKIP` with
+/// the reason and returns `None`; panics instead under `FAPE_NO_SKIP=1` (Cube) or
+/// `FAPE_TEST_CUDA=1` (CUDA).
 pub fn device_or_skip(test: &str, kind: DeviceKind) -> Option<Device> {
     match Device::open(kind) {
         Ok(d) => Some(d.poisoned(true)),
         Err(err @ FapeError::BackendUnavailable { .. }) => {
-            skip(test, &err.to_string());
+            let strict_env = if kind == DeviceKind::Cuda { TEST_CUDA_ENV } else { NO_SKIP_ENV };
+            skip_unless(test, &err.to_string(), strict_env);
             None
         }
         Err(err) => panic!("{test}: opening {kind} failed: {err}"),
@@ -109,8 +116,12 @@ pub fn device_or_skip(test: &str, kind: DeviceKind) -> Option<Device> {
 
 /// Reports a skipped test: prints the reason, or panics under `FAPE_NO_SKIP=1`.
 pub fn skip(test: &str, reason: &str) {
-    if skips_are_failures() {
-        panic!("{test}: {reason} (and {NO_SKIP_ENV} is set, so this skip is a failure)");
+    skip_unless(test, reason, NO_SKIP_ENV);
+}
+
+fn skip_unless(test: &str, reason: &str, strict_env: &str) {
+    if env_flag(strict_env) {
+        panic!("{test}: {reason} (and {strict_env} is set, so this skip is a failure)");
     }
     eprintln!("SKIP {test}: {reason}");
 }

@@ -1,5 +1,6 @@
 //! The shared check cases (the same ones `fape check` runs) on every backend, one test per
-//! backend. A missing GPU backend is a printed skip, or a failure under FAPE_NO_SKIP=1.
+//! backend. A missing GPU backend is a printed skip, or a failure under FAPE_NO_SKIP=1 (Cube)
+//! or FAPE_TEST_CUDA=1 (CUDA).
 
 use fape_kernels::check::{self, CaseSet};
 use fape_kernels::testing::device_or_skip;
@@ -32,15 +33,6 @@ backend_tests! {
     reference_backend_passes_the_check_cases => DeviceKind::Reference,
     cpu_backend_passes_the_check_cases => DeviceKind::Cpu,
     cube_backend_passes_the_check_cases => DeviceKind::Cube,
-}
-
-// CUDA needs a GPU: here it is a printed skip (CI has none, so it is not in FAPE_NO_SKIP's
-// reach); on a GPU machine run `fape check --device cuda`.
-#[test]
-fn cuda_backend_passes_the_check_cases() {
-    if std::env::var("FAPE_TEST_CUDA").is_err() {
-        eprintln!("SKIP cuda_backend_passes_the_check_cases: set FAPE_TEST_CUDA=1 on a GPU machine");
-        return;
-    }
-    check_backend("cuda_backend_passes_the_check_cases", DeviceKind::Cuda);
+    // Without a GPU this is a printed skip, a failure only under FAPE_TEST_CUDA=1.
+    cuda_backend_passes_the_check_cases => DeviceKind::Cuda,
 }

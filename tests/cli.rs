@@ -55,7 +55,18 @@ fn op_lora_moe_writes_outputs_matching_the_reference() {
     let (input, output) = (scratch("lora_in.safetensors"), scratch("lora_out.safetensors"));
     let tensors = lora_inputs();
     write(&input, &tensors);
-    let out = fape(&["op", "lora-moe", "--input", input.to_str().unwrap(), "--output", output.to_str().unwrap(), "--top-k", "1", "--bands", "low,full"]);
+    let out = fape(&[
+        "op",
+        "lora-moe",
+        "--input",
+        input.to_str().unwrap(),
+        "--output",
+        output.to_str().unwrap(),
+        "--top-k",
+        "1",
+        "--bands",
+        "low,full",
+    ]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
 
     let get = |name: &str| &tensors.iter().find(|(n, _)| *n == name).unwrap().1;
@@ -85,7 +96,16 @@ fn op_reads_bf16_inputs() {
     let bf16: Vec<u8> = x.data.iter().flat_map(|&v| half::bf16::from_f32(v).to_le_bytes()).collect();
     let view = safetensors::tensor::TensorView::new(safetensors::Dtype::BF16, x.shape.clone(), &bf16).unwrap();
     safetensors::serialize_to_file([("x", view)], None, &input).unwrap();
-    let out = fape(&["op", "freq-split", "--input", input.to_str().unwrap(), "--output", output.to_str().unwrap(), "--device", "reference"]);
+    let out = fape(&[
+        "op",
+        "freq-split",
+        "--input",
+        input.to_str().unwrap(),
+        "--output",
+        output.to_str().unwrap(),
+        "--device",
+        "reference",
+    ]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let written = TensorFile::read(&output).unwrap();
     let (low, high) = (written.require("t", "low").unwrap(), written.require("t", "high").unwrap());
@@ -105,32 +125,53 @@ fn bad_input_exits_2_with_one_line() {
     // A missing tensor.
     let missing = scratch("missing.safetensors");
     write(&missing, &lora_inputs()[1..]);
-    assert_bad_input(&fape(&["op", "lora-moe", "--input", missing.to_str().unwrap(), "--output", out_arg]), &["`x`", "missing"]);
+    assert_bad_input(
+        &fape(&["op", "lora-moe", "--input", missing.to_str().unwrap(), "--output", out_arg]),
+        &["`x`", "missing"],
+    );
     // Wrong rank.
     let rank = scratch("rank.safetensors");
     write(&rank, &[("x", random(1, &[3, 4]))]);
-    assert_bad_input(&fape(&["op", "freq-split", "--input", rank.to_str().unwrap(), "--output", out_arg]), &["`x`", "[3, 4]"]);
+    assert_bad_input(
+        &fape(&["op", "freq-split", "--input", rank.to_str().unwrap(), "--output", out_arg]),
+        &["`x`", "[3, 4]"],
+    );
     // Mismatched shapes between tensors.
     let mut mismatched = lora_inputs();
     mismatched[4].1 = random(5, &[2, 12, 3]);
     let mm = scratch("mismatch.safetensors");
     write(&mm, &mismatched);
-    assert_bad_input(&fape(&["op", "lora-moe", "--input", mm.to_str().unwrap(), "--output", out_arg]), &["lora_b", "[2, 12, 3]"]);
+    assert_bad_input(
+        &fape(&["op", "lora-moe", "--input", mm.to_str().unwrap(), "--output", out_arg]),
+        &["lora_b", "[2, 12, 3]"],
+    );
     // Config flags out of their domain.
     assert_bad_input(&fape(&["op", "lora-moe", "--input", good, "--output", out_arg, "--taps", "8"]), &["taps"]);
     let image = scratch("image.safetensors");
     write(&image, &[("x", random(1, &[1, 1, 4, 4]))]);
     let image = image.to_str().unwrap();
     assert_bad_input(&fape(&["op", "freq-split", "--input", image, "--output", out_arg, "--cutoff", "0"]), &["cutoff"]);
-    assert_bad_input(&fape(&["op", "freq-split", "--input", image, "--output", out_arg, "--taps", "3"]), &["taps", "does not apply"]);
-    assert_bad_input(&fape(&["op", "freq-split", "--input", image, "--output", out_arg, "--mask", "square"]), &["square"]);
+    assert_bad_input(
+        &fape(&["op", "freq-split", "--input", image, "--output", out_arg, "--taps", "3"]),
+        &["taps", "does not apply"],
+    );
+    assert_bad_input(
+        &fape(&["op", "freq-split", "--input", image, "--output", out_arg, "--mask", "square"]),
+        &["square"],
+    );
     assert_bad_input(&fape(&["op", "lora-moe", "--input", good, "--output", out_arg, "--taps", "many"]), &["many"]);
     // Unreadable and truncated files.
-    assert_bad_input(&fape(&["op", "freq-split", "--input", "/nonexistent/in.safetensors", "--output", out_arg]), &["/nonexistent/in.safetensors"]);
+    assert_bad_input(
+        &fape(&["op", "freq-split", "--input", "/nonexistent/in.safetensors", "--output", out_arg]),
+        &["/nonexistent/in.safetensors"],
+    );
     let bytes = std::fs::read(good).unwrap();
     let truncated = scratch("truncated.safetensors");
     std::fs::write(&truncated, &bytes[..bytes.len() / 2]).unwrap();
-    assert_bad_input(&fape(&["op", "lora-moe", "--input", truncated.to_str().unwrap(), "--output", out_arg]), &["truncated.safetensors"]);
+    assert_bad_input(
+        &fape(&["op", "lora-moe", "--input", truncated.to_str().unwrap(), "--output", out_arg]),
+        &["truncated.safetensors"],
+    );
     // An unknown device name.
     assert_bad_input(&fape(&["op", "lora-moe", "--input", good, "--output", out_arg, "--device", "tpu"]), &["tpu"]);
 }

@@ -28,11 +28,7 @@ fn random_image(seed: u64, shape: &[usize]) -> Vec<f32> {
 }
 
 fn config(cutoff: f64, mask: MaskKind) -> FreqSplitConfig {
-    FreqSplitConfig {
-        cutoff,
-        mask,
-        ..FreqSplitConfig::default()
-    }
+    FreqSplitConfig { cutoff, mask, ..FreqSplitConfig::default() }
 }
 
 /// `cos(2 pi (fy y + fx x))` on an `h x w` grid, with `fy = ky/h`, `fx = kx/w`; in f64 so that
@@ -63,10 +59,7 @@ fn reference_constant_image_has_all_energy_in_band_0_and_low_equals_x() {
     for mask in MaskKind::ALL {
         let out = reference(&x, &shape, &config(0.01, mask));
         assert_close("low", &out.low.data, &widen(&x), EXACT);
-        assert!(
-            out.high.data.iter().all(|v| v.abs() < 1e-12),
-            "{mask}: high of a constant is 0"
-        );
+        assert!(out.high.data.iter().all(|v| v.abs() < 1e-12), "{mask}: high of a constant is 0");
         let per_channel = 0.75f64 * 0.75 * 54.0;
         let expected = [per_channel, 0.0, 0.0, 0.0, 0.0].repeat(2);
         assert_close("band_energy", &out.band_energy.data, &expected, EXACT);
@@ -88,10 +81,7 @@ fn reference_cosine_above_hard_cutoff_lands_in_its_band_and_in_high() {
     let (h, w) = (16, 12);
     let x = cosine(h, w, 4, 0);
     let out = reference(&x, &[1, 1, h, w], &config(0.3, MaskKind::Hard));
-    assert!(
-        out.low.data.iter().all(|v| v.abs() < 1e-12),
-        "low holds nothing above the cutoff"
-    );
+    assert!(out.low.data.iter().all(|v| v.abs() < 1e-12), "low holds nothing above the cutoff");
     assert_close("high", &out.high.data, &widen(&x), EXACT);
     let expected = [0.0, 0.0, sum_of_squares(&x), 0.0, 0.0];
     assert_close("band_energy", &out.band_energy.data, &expected, EXACT);
@@ -125,15 +115,10 @@ fn reference_gaussian_mask_scales_a_cosine_by_its_mask_value() {
 fn reference_checkerboard_lands_in_the_last_band_closed_at_its_top() {
     // (-1)^(y+x) sits at fy = fx = -0.5: rho = 1 exactly, the last edge.
     let (h, w) = (6, 8);
-    let x: Vec<f32> = (0..h * w)
-        .map(|i| if (i / w + i % w) % 2 == 0 { 1.0 } else { -1.0 })
-        .collect();
+    let x: Vec<f32> = (0..h * w).map(|i| if (i / w + i % w) % 2 == 0 { 1.0 } else { -1.0 }).collect();
     let out = reference(&x, &[1, 1, h, w], &config(0.99, MaskKind::Hard));
     assert_close("band_energy", &out.band_energy.data, &[0.0, 0.0, 0.0, 0.0, 48.0], EXACT);
-    assert!(
-        out.low.data.iter().all(|v| v.abs() < 1e-12),
-        "rho 1 is above the cutoff 0.99"
-    );
+    assert!(out.low.data.iter().all(|v| v.abs() < 1e-12), "rho 1 is above the cutoff 0.99");
 }
 
 #[test]
@@ -190,17 +175,10 @@ fn naive_split(x: &[f32], h: usize, w: usize, config: &FreqSplitConfig) -> (Vec<
 #[test]
 fn reference_matches_a_naive_dft_on_odd_even_and_prime_shapes() {
     let partial_edges = vec![0.1, 0.3, 0.62, 0.8];
-    for (seed, (h, w)) in [(1, 1), (1, 8), (7, 1), (7, 5), (6, 9), (13, 11), (8, 8)]
-        .into_iter()
-        .enumerate()
-    {
+    for (seed, (h, w)) in [(1, 1), (1, 8), (7, 1), (7, 5), (6, 9), (13, 11), (8, 8)].into_iter().enumerate() {
         for mask in MaskKind::ALL {
             for edges in [FreqSplitConfig::default().edges, partial_edges.clone()] {
-                let config = FreqSplitConfig {
-                    cutoff: 0.4,
-                    mask,
-                    edges,
-                };
+                let config = FreqSplitConfig { cutoff: 0.4, mask, edges };
                 let x = random_image(seed as u64, &[1, 1, h, w]);
                 let out = reference(&x, &[1, 1, h, w], &config);
                 let (low, energy) = naive_split(&x, h, w, &config);
@@ -290,22 +268,13 @@ fn cpu_matches_reference_on_awkward_shapes_with_hard_mask() {
 #[test]
 fn cpu_matches_reference_on_awkward_shapes_with_gaussian_mask() {
     for (seed, shape) in AWKWARD_SHAPES.iter().enumerate() {
-        assert_matches_reference(
-            &Device::Cpu,
-            shape,
-            &config(0.15, MaskKind::Gaussian),
-            100 + seed as u64,
-        );
+        assert_matches_reference(&Device::Cpu, shape, &config(0.15, MaskKind::Gaussian), 100 + seed as u64);
     }
 }
 
 #[test]
 fn cpu_matches_reference_with_custom_cutoff_and_partial_edges() {
-    let config = FreqSplitConfig {
-        cutoff: 0.6,
-        mask: MaskKind::Hard,
-        edges: vec![0.05, 0.2, 0.21, 0.7],
-    };
+    let config = FreqSplitConfig { cutoff: 0.6, mask: MaskKind::Hard, edges: vec![0.05, 0.2, 0.21, 0.7] };
     assert_matches_reference(&Device::Cpu, &[2, 2, 45, 30], &config, 5);
 }
 
@@ -314,10 +283,7 @@ fn cpu_repeated_calls_at_one_size_give_identical_results() {
     let shape = [2, 3, 24, 40];
     let x = random_image(11, &shape);
     let config = FreqSplitConfig::default();
-    assert_eq!(
-        on_device(&Device::Cpu, &x, &shape, &config),
-        on_device(&Device::Cpu, &x, &shape, &config)
-    );
+    assert_eq!(on_device(&Device::Cpu, &x, &shape, &config), on_device(&Device::Cpu, &x, &shape, &config));
 }
 
 #[test]
@@ -353,14 +319,8 @@ fn nan_in_x_propagates_without_panicking_on_host_backends() {
     x[3] = f32::NAN;
     for device in [Device::Reference, Device::Cpu] {
         let out = on_device(&device, &x, &shape, &FreqSplitConfig::default());
-        assert!(
-            out.low.data[..30].iter().all(|v| v.is_nan()),
-            "{device:?}: NaN fills its image"
-        );
-        assert!(
-            out.low.data[30..].iter().all(|v| v.is_finite()),
-            "{device:?}: the other image is untouched"
-        );
+        assert!(out.low.data[..30].iter().all(|v| v.is_nan()), "{device:?}: NaN fills its image");
+        assert!(out.low.data[30..].iter().all(|v| v.is_finite()), "{device:?}: the other image is untouched");
         assert!(out.band_energy.data[..5].iter().all(|v| v.is_nan()));
     }
 }
@@ -420,39 +380,21 @@ fn rejects_zero_negative_nan_and_infinite_cutoff_naming_cutoff() {
 #[test]
 fn rejects_edges_not_strictly_increasing_naming_edges() {
     for edges in [vec![0.0, 0.5, 0.5, 1.0], vec![0.0, 0.6, 0.4, 1.0]] {
-        expect_config_error(
-            &FreqSplitConfig {
-                edges,
-                ..FreqSplitConfig::default()
-            },
-            "edges",
-        );
+        expect_config_error(&FreqSplitConfig { edges, ..FreqSplitConfig::default() }, "edges");
     }
 }
 
 #[test]
 fn rejects_edges_outside_the_unit_interval_naming_edges() {
     for edges in [vec![-0.1, 0.5], vec![0.0, 1.5], vec![0.0, f64::NAN]] {
-        expect_config_error(
-            &FreqSplitConfig {
-                edges,
-                ..FreqSplitConfig::default()
-            },
-            "edges",
-        );
+        expect_config_error(&FreqSplitConfig { edges, ..FreqSplitConfig::default() }, "edges");
     }
 }
 
 #[test]
 fn rejects_fewer_than_two_edges_naming_edges() {
     for edges in [vec![], vec![0.5]] {
-        expect_config_error(
-            &FreqSplitConfig {
-                edges,
-                ..FreqSplitConfig::default()
-            },
-            "edges",
-        );
+        expect_config_error(&FreqSplitConfig { edges, ..FreqSplitConfig::default() }, "edges");
     }
 }
 
@@ -470,10 +412,7 @@ fn mask_kind_parses_its_names_and_rejects_others_naming_mask() {
 #[test]
 fn default_config_and_tolerances_are_the_documented_ones() {
     let d = FreqSplitConfig::default();
-    assert_eq!(
-        (d.cutoff, d.mask, d.edges.as_slice()),
-        (0.15, MaskKind::Hard, &[0.0, 0.15, 0.35, 0.45, 0.9, 1.0][..])
-    );
+    assert_eq!((d.cutoff, d.mask, d.edges.as_slice()), (0.15, MaskKind::Hard, &[0.0, 0.15, 0.35, 0.45, 0.9, 1.0][..]));
     assert_eq!(tolerance_f32(1, 1), TOLERANCE_F32);
     assert_eq!(tolerance_f32(512, 300), TOLERANCE_F32);
     assert!((tolerance_f32(1024, 2048) - TOLERANCE_F32 * 11.0 / 9.0).abs() < 1e-18);

@@ -14,21 +14,14 @@ use fape_kernels::FapeError;
 
 const ARCHS: &[&str] = &["sm_80", "sm_90a"];
 
-/// Prints `SKIP: reason`, or panics when skips are failures (`FAPE_NO_SKIP=1`, as in CI).
+/// Prints `SKIP kernels_compile: reason`, or panics under `FAPE_NO_SKIP=1` (as in CI).
 fn skip(reason: &str) {
-    if fape_kernels::testing::skips_are_failures() {
-        panic!("FAPE_NO_SKIP is set but this test would skip: {reason}");
-    }
-    println!("SKIP: {reason}");
+    fape_kernels::testing::skip("kernels_compile", reason);
 }
 
 /// Compiles a trivial kernel to find out whether NVRTC is usable; the reason when not.
 fn nvrtc_missing() -> Option<String> {
-    match compile_ptx(
-        "probe.cu",
-        "extern \"C\" __global__ void probe() {}",
-        "sm_80",
-    ) {
+    match compile_ptx("probe.cu", "extern \"C\" __global__ void probe() {}", "sm_80") {
         Ok(_) => None,
         Err(FapeError::BackendUnavailable { reason, .. }) => Some(reason),
         Err(other) => panic!("NVRTC is present but cannot compile an empty kernel: {other}"),
@@ -37,9 +30,7 @@ fn nvrtc_missing() -> Option<String> {
 
 fn find_ptxas() -> Option<PathBuf> {
     let path = std::env::var_os("PATH")?;
-    std::env::split_paths(&path)
-        .map(|dir| dir.join("ptxas"))
-        .find(|p| p.is_file())
+    std::env::split_paths(&path).map(|dir| dir.join("ptxas")).find(|p| p.is_file())
 }
 
 /// Per-kernel `ptxas -v` statistics.
@@ -59,27 +50,15 @@ fn parse_ptxas(log: &str) -> Vec<KernelStats> {
     for line in log.lines() {
         if let Some(rest) = line.split("Compiling entry function '").nth(1) {
             let name = rest.split('\'').next().unwrap_or("?").to_string();
-            kernels.push(KernelStats {
-                name,
-                ..Default::default()
-            });
+            kernels.push(KernelStats { name, ..Default::default() });
         } else if let Some(k) = kernels.last_mut() {
             if let Some(rest) = line.split("bytes stack frame,").nth(1) {
                 k.stack = first_number(line.split("ptxas info").nth(1).unwrap_or(line));
                 k.spill_stores = first_number(rest);
-                k.spill_loads = rest
-                    .split("spill stores,")
-                    .nth(1)
-                    .map(first_number)
-                    .unwrap_or(0);
+                k.spill_loads = rest.split("spill stores,").nth(1).map(first_number).unwrap_or(0);
             } else if let Some(rest) = line.split("Used ").nth(1) {
                 k.registers = Some(first_number(rest));
-                k.shared = line
-                    .split("registers,")
-                    .nth(1)
-                    .unwrap_or("")
-                    .trim()
-                    .to_string();
+                k.shared = line.split("registers,").nth(1).unwrap_or("").trim().to_string();
             }
         }
     }
@@ -87,10 +66,7 @@ fn parse_ptxas(log: &str) -> Vec<KernelStats> {
 }
 
 fn first_number(s: &str) -> u32 {
-    s.split(|c: char| !c.is_ascii_digit())
-        .find(|t| !t.is_empty())
-        .and_then(|t| t.parse().ok())
-        .unwrap_or(0)
+    s.split(|c: char| !c.is_ascii_digit()).find(|t| !t.is_empty()).and_then(|t| t.parse().ok()).unwrap_or(0)
 }
 
 fn ptxas(ptxas: &Path, ptx: &str, arch: &str, file: &str) -> Vec<KernelStats> {
@@ -109,25 +85,12 @@ fn ptxas(ptxas: &Path, ptx: &str, arch: &str, file: &str) -> Vec<KernelStats> {
         .arg(&output)
         .output()
         .expect("run ptxas");
-    let log = format!(
-        "{}{}",
-        String::from_utf8_lossy(&result.stdout),
-        String::from_utf8_lossy(&result.stderr)
-    );
+    let log = format!("{}{}", String::from_utf8_lossy(&result.stdout), String::from_utf8_lossy(&result.stderr));
     let _ = std::fs::remove_dir_all(&dir);
-    assert!(
-        result.status.success(),
-        "ptxas failed on {file} for {arch}:\n{log}"
-    );
-    assert!(
-        !log.to_lowercase().contains("warning"),
-        "ptxas warned on {file} for {arch}:\n{log}"
-    );
+    assert!(result.status.success(), "ptxas failed on {file} for {arch}:\n{log}");
+    assert!(!log.to_lowercase().contains("warning"), "ptxas warned on {file} for {arch}:\n{log}");
     let stats = parse_ptxas(&log);
-    assert!(
-        !stats.is_empty(),
-        "no entry functions found in ptxas output for {file}/{arch}:\n{log}"
-    );
+    assert!(!stats.is_empty(), "no entry functions found in ptxas output for {file}/{arch}:\n{log}");
     stats
 }
 
@@ -139,8 +102,7 @@ fn every_kernel_compiles_and_assembles_without_spills() {
     let mut ptxs = Vec::new();
     for &(file, source) in KERNEL_SOURCES {
         for &arch in ARCHS {
-            let (ptx, log) =
-                compile_ptx_with_log(file, source, arch).unwrap_or_else(|e| panic!("{e}"));
+            let (ptx, log) = compile_ptx_with_log(file, source, arch).unwrap_or_else(|e| panic!("{e}"));
             assert!(log.is_empty(), "NVRTC warned on {file} for {arch}:\n{log}");
             let text = ptx.to_src();
             assert!(text.contains(".entry"), "{file}/{arch}: PTX has no kernel");
@@ -171,10 +133,7 @@ fn every_kernel_compiles_and_assembles_without_spills() {
                 ));
             }
             if k.registers.is_none() {
-                failures.push(format!(
-                    "{file} {arch} {}: no register count in ptxas output",
-                    k.name
-                ));
+                failures.push(format!("{file} {arch} {}: no register count in ptxas output", k.name));
             }
         }
     }
@@ -188,15 +147,10 @@ fn broken_source_reports_nvrtc_log() {
     }
     let source = "extern \"C\" __global__ void broken(float* out) { out[0] = undeclared_name; }";
     match compile_ptx("broken.cu", source, "sm_80") {
-        Err(FapeError::Nvrtc {
-            kernel, arch, log, ..
-        }) => {
+        Err(FapeError::Nvrtc { kernel, arch, log, .. }) => {
             assert_eq!(kernel, "broken.cu");
             assert_eq!(arch, "sm_80");
-            assert!(
-                log.contains("undeclared_name"),
-                "log lacks the offending name:\n{log}"
-            );
+            assert!(log.contains("undeclared_name"), "log lacks the offending name:\n{log}");
             assert!(log.contains("broken.cu"), "log lacks the file name:\n{log}");
             assert!(log.contains("error"), "log lacks an error:\n{log}");
         }
@@ -210,11 +164,7 @@ fn unknown_arch_is_an_nvrtc_error() {
     if let Some(reason) = nvrtc_missing() {
         return skip(&reason);
     }
-    match compile_ptx(
-        "probe.cu",
-        "extern \"C\" __global__ void probe() {}",
-        "sm_1",
-    ) {
+    match compile_ptx("probe.cu", "extern \"C\" __global__ void probe() {}", "sm_1") {
         Err(FapeError::Nvrtc { arch, .. }) => assert_eq!(arch, "sm_1"),
         other => panic!("expected FapeError::Nvrtc, got {:?}", other.map(|_| ())),
     }
@@ -226,12 +176,8 @@ fn warnings_show_in_the_success_log() {
         return skip(&reason);
     }
     let source = "extern \"C\" __global__ void warns(float* out) { int unused_variable = 1; out[0] = 1.0f; }";
-    let (_, log) =
-        compile_ptx_with_log("warns.cu", source, "sm_80").unwrap_or_else(|e| panic!("{e}"));
-    assert!(
-        log.contains("unused_variable"),
-        "expected a warning in the log, got:\n{log}"
-    );
+    let (_, log) = compile_ptx_with_log("warns.cu", source, "sm_80").unwrap_or_else(|e| panic!("{e}"));
+    assert!(log.contains("unused_variable"), "expected a warning in the log, got:\n{log}");
 }
 
 /// The parser on real `ptxas -v` output (CUDA 13.0) of a kernel forced to spill.
@@ -254,14 +200,8 @@ ptxas info    : Compile time = 33.618 ms";
     assert_eq!(stats.len(), 2);
     assert_eq!(stats[0].name, "spilly");
     assert_eq!(stats[0].registers, Some(24));
-    assert_eq!(
-        (stats[0].stack, stats[0].spill_stores, stats[0].spill_loads),
-        (864, 1036, 1316)
-    );
+    assert_eq!((stats[0].stack, stats[0].spill_stores, stats[0].spill_loads), (864, 1036, 1316));
     assert_eq!(stats[1].name, "clean");
     assert_eq!(stats[1].registers, Some(34));
-    assert_eq!(
-        (stats[1].stack, stats[1].spill_stores, stats[1].spill_loads),
-        (0, 0, 0)
-    );
+    assert_eq!((stats[1].stack, stats[1].spill_stores, stats[1].spill_loads), (0, 0, 0));
 }

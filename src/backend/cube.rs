@@ -65,10 +65,7 @@ enum OpenFailure {
 
 impl fmt::Debug for CubeDevice {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("CubeDevice")
-            .field("adapter", &self.name())
-            .field("poison", &self.poison)
-            .finish()
+        f.debug_struct("CubeDevice").field("adapter", &self.name()).field("poison", &self.poison).finish()
     }
 }
 
@@ -91,14 +88,10 @@ impl CubeDevice {
             })
         });
         match shared {
-            Ok(inner) => Ok(Self {
-                inner: Arc::clone(inner),
-                poison: false,
-            }),
-            Err(OpenFailure::Unavailable(reason)) => Err(FapeError::BackendUnavailable {
-                backend: BACKEND,
-                reason: reason.clone(),
-            }),
+            Ok(inner) => Ok(Self { inner: Arc::clone(inner), poison: false }),
+            Err(OpenFailure::Unavailable(reason)) => {
+                Err(FapeError::BackendUnavailable { backend: BACKEND, reason: reason.clone() })
+            }
             Err(OpenFailure::Failed(message)) => Err(device_error("opening the wgpu adapter", message.clone())),
         }
     }
@@ -189,9 +182,8 @@ impl CubeDevice {
     /// allocation fails.
     pub(crate) fn output<T: Pod>(&self, len: usize) -> Result<GpuArray<T>> {
         let context = format!("allocating {len} x {}", std::any::type_name::<T>());
-        let size = len
-            .checked_mul(std::mem::size_of::<T>())
-            .ok_or_else(|| device_error(&context, "size overflows usize"))?;
+        let size =
+            len.checked_mul(std::mem::size_of::<T>()).ok_or_else(|| device_error(&context, "size overflows usize"))?;
         let padded = padded_size(size);
         self.check_size(&context, padded)?;
         let handle = if self.poison {
@@ -215,10 +207,7 @@ impl CubeDevice {
             .map_err(|e| device_error(&context, format!("{e:?}")))?;
         let want = array.len * std::mem::size_of::<T>();
         if bytes.len() < want {
-            return Err(device_error(
-                &context,
-                format!("device returned {} bytes, expected {want}", bytes.len()),
-            ));
+            return Err(device_error(&context, format!("device returned {} bytes, expected {want}", bytes.len())));
         }
         Ok(bytemuck::pod_collect_to_vec(&bytes[..want]))
     }
@@ -269,11 +258,7 @@ pub(crate) struct GpuArray<T> {
 
 impl<T> GpuArray<T> {
     fn new(handle: Handle, len: usize) -> Self {
-        Self {
-            handle,
-            len,
-            _elem: PhantomData,
-        }
+        Self { handle, len, _elem: PhantomData }
     }
 
     /// Elements in the buffer.
@@ -299,11 +284,7 @@ impl<T> GpuArray<T> {
 
 /// A [`FapeError::Device`] of the cube backend.
 pub(crate) fn device_error(context: impl Into<String>, message: impl Into<String>) -> FapeError {
-    FapeError::Device {
-        backend: BACKEND,
-        context: context.into(),
-        message: message.into(),
-    }
+    FapeError::Device { backend: BACKEND, context: context.into(), message: message.into() }
 }
 
 /// Buffer sizes are rounded up to wgpu's 4-byte copy alignment, and never zero (wgpu rejects
@@ -350,10 +331,7 @@ fn no_adapter_reason() -> String {
 /// The adapter `open` uses: the best-ranked device type, the first of equals, among those whose
 /// name contains `WGPU_ADAPTER_NAME` (case-insensitive) when that is set.
 fn pick_adapter(infos: &[wgpu::AdapterInfo]) -> Option<usize> {
-    let wanted = std::env::var("WGPU_ADAPTER_NAME")
-        .ok()
-        .map(|s| s.to_lowercase())
-        .filter(|s| !s.is_empty());
+    let wanted = std::env::var("WGPU_ADAPTER_NAME").ok().map(|s| s.to_lowercase()).filter(|s| !s.is_empty());
     let rank = |t: wgpu::DeviceType| match t {
         wgpu::DeviceType::DiscreteGpu => 0,
         wgpu::DeviceType::IntegratedGpu => 1,
@@ -364,11 +342,7 @@ fn pick_adapter(infos: &[wgpu::AdapterInfo]) -> Option<usize> {
     infos
         .iter()
         .enumerate()
-        .filter(|(_, info)| {
-            wanted
-                .as_ref()
-                .is_none_or(|w| info.name.to_lowercase().contains(w.as_str()))
-        })
+        .filter(|(_, info)| wanted.as_ref().is_none_or(|w| info.name.to_lowercase().contains(w.as_str())))
         .min_by_key(|(i, info)| (rank(info.device_type), *i))
         .map(|(i, _)| i)
 }
@@ -431,20 +405,10 @@ fn open_inner() -> std::result::Result<Arc<Inner>, OpenFailure> {
         pending.push(e.to_string());
     }));
 
-    let setup = cubecl::wgpu::WgpuSetup {
-        instance,
-        adapter,
-        device,
-        queue,
-        backend: info.backend,
-    };
+    let setup = cubecl::wgpu::WgpuSetup { instance, adapter, device, queue, backend: info.backend };
     let wgpu_device = init_device(setup, RuntimeOptions::default());
     let client = WgpuRuntime::client(&wgpu_device);
-    Ok(Arc::new(Inner {
-        client,
-        info,
-        uncaptured,
-    }))
+    Ok(Arc::new(Inner { client, info, uncaptured }))
 }
 
 #[cfg(test)]

@@ -19,8 +19,7 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::{Arc, Mutex, OnceLock};
 
 use cudarc::driver::{
-    sys as cu, CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, DriverError,
-    LaunchConfig,
+    sys as cu, CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, DriverError, LaunchConfig,
 };
 use cudarc::nvrtc::{self, Ptx};
 use sha2::{Digest, Sha256};
@@ -30,8 +29,7 @@ use crate::error::{FapeError, Result};
 const BACKEND: &str = "cuda";
 
 /// `kernels/lora_moe.cu`: the LoRA-MoE kernels (token low-pass, fused expert dispatch).
-pub(crate) const LORA_MOE_CU: (&str, &str) =
-    ("lora_moe.cu", include_str!("../../kernels/lora_moe.cu"));
+pub(crate) const LORA_MOE_CU: (&str, &str) = ("lora_moe.cu", include_str!("../../kernels/lora_moe.cu"));
 
 /// Every kernel source shipped in `kernels/*.cu`, as `(file name, CUDA C source)`.
 ///
@@ -42,14 +40,8 @@ pub const KERNEL_SOURCES: &[(&str, &str)] = &[LORA_MOE_CU];
 /// The NVRTC options every kernel is compiled with, besides `--gpu-architecture=<arch>`:
 /// C++17, IEEE-accurate f32 (no fast math: no flush-to-zero, exact division and square root;
 /// FMA contraction stays on, it only makes results more accurate) and line info for profilers.
-pub const NVRTC_OPTIONS: &[&str] = &[
-    "--std=c++17",
-    "--ftz=false",
-    "--prec-div=true",
-    "--prec-sqrt=true",
-    "--fmad=true",
-    "--generate-line-info",
-];
+pub const NVRTC_OPTIONS: &[&str] =
+    &["--std=c++17", "--ftz=false", "--prec-div=true", "--prec-sqrt=true", "--fmad=true", "--generate-line-info"];
 
 /// Maximum `gridDim.x`, and of `gridDim.y` / `gridDim.z`, of every CUDA device we can compile for.
 const MAX_GRID_X: usize = (1 << 31) - 1;
@@ -69,10 +61,7 @@ fn libcuda() -> std::result::Result<(), String> {
     if present {
         Ok(())
     } else {
-        Err(format!(
-            "libcuda (the NVIDIA driver library) was not found; searched {}",
-            candidates("cuda")
-        ))
+        Err(format!("libcuda (the NVIDIA driver library) was not found; searched {}", candidates("cuda")))
     }
 }
 
@@ -101,10 +90,7 @@ fn candidates(lib: &str) -> String {
 }
 
 fn unavailable(reason: impl Into<String>) -> FapeError {
-    FapeError::BackendUnavailable {
-        backend: BACKEND,
-        reason: reason.into(),
-    }
+    FapeError::BackendUnavailable { backend: BACKEND, reason: reason.into() }
 }
 
 /// Runs `f`, turning a panic inside cudarc (a driver library without a symbol cudarc binds)
@@ -116,9 +102,7 @@ fn no_panic<T>(what: &str, f: impl FnOnce() -> Result<T>) -> Result<T> {
             .cloned()
             .or_else(|| payload.downcast_ref::<&str>().map(|s| s.to_string()))
             .unwrap_or_else(|| "unknown panic".to_string());
-        Err(unavailable(format!(
-            "{what}: the CUDA libraries are unusable: {message}"
-        )))
+        Err(unavailable(format!("{what}: the CUDA libraries are unusable: {message}")))
     })
 }
 
@@ -166,10 +150,7 @@ fn means_unavailable(e: &DriverError) -> bool {
 
 /// `CUDA_ERROR_X: description` for a driver error.
 fn describe_driver_error(e: &DriverError) -> String {
-    let name = e
-        .error_name()
-        .map(|s| s.to_string_lossy().into_owned())
-        .unwrap_or_else(|_| format!("{:?}", e.0));
+    let name = e.error_name().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|_| format!("{:?}", e.0));
     match e.error_string() {
         Ok(text) => format!("{name}: {}", text.to_string_lossy()),
         Err(_) => name,
@@ -178,11 +159,7 @@ fn describe_driver_error(e: &DriverError) -> String {
 
 /// Maps a driver error to [`FapeError::Device`], naming what was being done.
 pub(crate) fn driver_error(context: impl Into<String>, e: DriverError) -> FapeError {
-    FapeError::Device {
-        backend: BACKEND,
-        context: context.into(),
-        message: describe_driver_error(&e),
-    }
+    FapeError::Device { backend: BACKEND, context: context.into(), message: describe_driver_error(&e) }
 }
 
 /// `map_err` adaptor for [`driver_error`]: `.map_err(dev_err("copying `x` to the device"))`.
@@ -235,12 +212,7 @@ pub fn compile_ptx_with_log(kernel_file: &str, source: &str, arch: &str) -> Resu
         message,
         log,
     };
-    let nul = || {
-        nvrtc_error(
-            "source, file name or arch contains a NUL byte".into(),
-            String::new(),
-        )
-    };
+    let nul = || nvrtc_error("source, file name or arch contains a NUL byte".into(), String::new());
     if arch.contains('\0') {
         return Err(nul());
     }
@@ -262,10 +234,7 @@ pub fn compile_ptx_with_log(kernel_file: &str, source: &str, arch: &str) -> Resu
         .map(c_text)
         .unwrap_or_else(|e| format!("(nvrtcGetProgramLog failed: {e:?})"));
     if let Err(e) = compiled {
-        return Err(nvrtc_error(
-            format!("{e:?} with options {}", options.join(" ")),
-            log,
-        ));
+        return Err(nvrtc_error(format!("{e:?} with options {}", options.join(" ")), log));
     }
     // SAFETY: see above.
     let ptx = unsafe { nvrtc::result::get_ptx(program.0) }
@@ -286,11 +255,7 @@ impl Drop for Program {
 
 /// A NUL-terminated C string buffer from NVRTC as text.
 fn c_text(buffer: Vec<c_char>) -> String {
-    let bytes: Vec<u8> = buffer
-        .into_iter()
-        .take_while(|&c| c != 0)
-        .map(|c| c as u8)
-        .collect();
+    let bytes: Vec<u8> = buffer.into_iter().take_while(|&c| c != 0).map(|c| c as u8).collect();
     String::from_utf8_lossy(&bytes).into_owned()
 }
 
@@ -346,30 +311,17 @@ impl CudaDevice {
                 driver.0, driver.1, nvrtc.0, nvrtc.1
             )));
         }
-        let count =
-            CudaContext::device_count().map_err(|e| open_error("counting CUDA devices", e))?;
+        let count = CudaContext::device_count().map_err(|e| open_error("counting CUDA devices", e))?;
         let count = usize::try_from(count).unwrap_or(0);
         if ordinal >= count {
-            return Err(unavailable(format!(
-                "no CUDA device with ordinal {ordinal} ({count} device(s) found)"
-            )));
+            return Err(unavailable(format!("no CUDA device with ordinal {ordinal} ({count} device(s) found)")));
         }
         let context = format!("creating the context of CUDA device {ordinal}");
         let ctx = CudaContext::new(ordinal).map_err(|e| open_error(&context, e))?;
         let name = ctx.name().map_err(dev_err("reading the device name"))?;
-        let (major, minor) = ctx
-            .compute_capability()
-            .map_err(dev_err("reading the compute capability"))?;
+        let (major, minor) = ctx.compute_capability().map_err(dev_err("reading the compute capability"))?;
         let stream = ctx.new_stream().map_err(dev_err("creating a stream"))?;
-        Ok(Self {
-            ctx,
-            stream,
-            arch: arch_for(major, minor).into(),
-            name: name.into(),
-            driver,
-            nvrtc,
-            poison: false,
-        })
+        Ok(Self { ctx, stream, arch: arch_for(major, minor).into(), name: name.into(), driver, nvrtc, poison: false })
     }
 
     /// One line per CUDA device: ordinal, name, compute capability and NVRTC arch, the CUDA
@@ -389,8 +341,7 @@ impl CudaDevice {
         use cudarc::driver::result::device;
         let nvrtc = nvrtc_version().map_err(unavailable)?;
         let driver = driver_version().map_err(|e| open_error("cuDriverGetVersion", e))?;
-        let count =
-            CudaContext::device_count().map_err(|e| open_error("counting CUDA devices", e))?;
+        let count = CudaContext::device_count().map_err(|e| open_error("counting CUDA devices", e))?;
         if count <= 0 {
             return Err(unavailable("the driver reports no CUDA devices"));
         }
@@ -437,11 +388,7 @@ impl CudaDevice {
             self.driver.1,
             self.nvrtc.0,
             self.nvrtc.1,
-            if self.poison {
-                ", poisoned outputs"
-            } else {
-                ""
-            }
+            if self.poison { ", poisoned outputs" } else { "" }
         )
     }
 
@@ -477,11 +424,8 @@ impl CudaDevice {
     /// [`FapeError::Nvrtc`] with the compiler log when NVRTC rejects the source;
     /// [`FapeError::Device`] when the driver cannot load the PTX.
     pub fn module(&self, kernel_file: &str, source: &str) -> Result<Arc<CudaModule>> {
-        let key: ModuleKey = (
-            self.ctx.cu_ctx() as usize,
-            Sha256::digest(source.as_bytes()).into(),
-            self.arch.to_string(),
-        );
+        let key: ModuleKey =
+            (self.ctx.cu_ctx() as usize, Sha256::digest(source.as_bytes()).into(), self.arch.to_string());
         // Held across compilation so two threads never compile the same module twice. A
         // panic elsewhere cannot leave the map inconsistent, so poisoning is ignored.
         let mut cache = module_cache().lock().unwrap_or_else(|p| p.into_inner());
@@ -505,11 +449,7 @@ impl CudaDevice {
     ///
     /// # Errors
     /// As [`CudaDevice::module`]; [`FapeError::Device`] when the module has no such kernel.
-    pub(crate) fn function(
-        &self,
-        (file, source): (&str, &str),
-        name: &str,
-    ) -> Result<CudaFunction> {
+    pub(crate) fn function(&self, (file, source): (&str, &str), name: &str) -> Result<CudaFunction> {
         self.module(file, source)?
             .load_function(name)
             .map_err(dev_err(format!("looking up kernel `{name}` in `{file}`")))
@@ -520,10 +460,7 @@ impl CudaDevice {
     /// # Errors
     /// [`FapeError::Device`] naming `what` when allocation or the copy fails.
     pub(crate) fn upload(&self, what: &str, host: &[f32]) -> Result<CudaSlice<f32>> {
-        self.stream.clone_htod(host).map_err(dev_err(format!(
-            "copying `{what}` ({} f32) to the device",
-            host.len()
-        )))
+        self.stream.clone_htod(host).map_err(dev_err(format!("copying `{what}` ({} f32) to the device", host.len())))
     }
 
     /// A device buffer of `len` f32 for a kernel output: zeros, or NaN when the handle is
@@ -534,13 +471,9 @@ impl CudaDevice {
     pub(crate) fn output(&self, what: &str, len: usize) -> Result<CudaSlice<f32>> {
         let context = || format!("allocating output `{what}` ({len} f32)");
         if self.poison {
-            self.stream
-                .clone_htod(&vec![f32::NAN; len])
-                .map_err(dev_err(context()))
+            self.stream.clone_htod(&vec![f32::NAN; len]).map_err(dev_err(context()))
         } else {
-            self.stream
-                .alloc_zeros::<f32>(len)
-                .map_err(dev_err(context()))
+            self.stream.alloc_zeros::<f32>(len).map_err(dev_err(context()))
         }
     }
 
@@ -550,13 +483,8 @@ impl CudaDevice {
     /// # Errors
     /// [`FapeError::Device`] naming `what` when the copy or an earlier kernel failed.
     pub(crate) fn download(&self, what: &str, device: &CudaSlice<f32>) -> Result<Vec<f32>> {
-        let context = format!(
-            "copying `{what}` back to the host (or an earlier kernel on the stream failed)"
-        );
-        let host = self
-            .stream
-            .clone_dtoh(device)
-            .map_err(dev_err(context.as_str()))?;
+        let context = format!("copying `{what}` back to the host (or an earlier kernel on the stream failed)");
+        let host = self.stream.clone_dtoh(device).map_err(dev_err(context.as_str()))?;
         self.stream.synchronize().map_err(dev_err(context))?;
         Ok(host)
     }
@@ -587,16 +515,10 @@ pub(crate) fn launch_config(
         return Err(FapeError::Unsupported {
             op,
             backend: BACKEND,
-            what: format!(
-                "a launch grid of {grid:?} blocks (CUDA allows 1..2^31-1 x 1..65535 x 1..65535)"
-            ),
+            what: format!("a launch grid of {grid:?} blocks (CUDA allows 1..2^31-1 x 1..65535 x 1..65535)"),
         });
     }
-    Ok(LaunchConfig {
-        grid_dim: (x as u32, y as u32, z as u32),
-        block_dim: block,
-        shared_mem_bytes,
-    })
+    Ok(LaunchConfig { grid_dim: (x as u32, y as u32, z as u32), block_dim: block, shared_mem_bytes })
 }
 
 /// `value` as the `int` a kernel takes.

@@ -53,14 +53,11 @@ impl FromStr for DeviceKind {
     type Err = FapeError;
 
     fn from_str(s: &str) -> Result<Self> {
-        Self::ALL
-            .into_iter()
-            .find(|k| k.name() == s)
-            .ok_or_else(|| FapeError::Config {
-                op: "device",
-                field: "device",
-                message: format!("`{s}` is not one of reference, cpu, cube, cuda"),
-            })
+        Self::ALL.into_iter().find(|k| k.name() == s).ok_or_else(|| FapeError::Config {
+            op: "device",
+            field: "device",
+            message: format!("`{s}` is not one of reference, cpu, cube, cuda"),
+        })
     }
 }
 
@@ -149,11 +146,7 @@ impl Device {
 
     /// The error an op returns when this device has no kernel for it yet.
     pub(crate) fn unsupported(&self, op: &'static str, what: impl Into<String>) -> FapeError {
-        FapeError::Unsupported {
-            op,
-            backend: self.kind().name(),
-            what: what.into(),
-        }
+        FapeError::Unsupported { op, backend: self.kind().name(), what: what.into() }
     }
 }
 
@@ -169,20 +162,14 @@ pub struct BackendReport {
 
 /// Probes every backend kind without panicking, in [`DeviceKind::ALL`] order.
 pub fn discover() -> Vec<BackendReport> {
-    DeviceKind::ALL
-        .into_iter()
-        .map(|kind| BackendReport {
-            kind,
-            devices: probe(kind),
-        })
-        .collect()
+    DeviceKind::ALL.into_iter().map(|kind| BackendReport { kind, devices: probe(kind) }).collect()
 }
 
 fn probe(kind: DeviceKind) -> std::result::Result<Vec<String>, String> {
     match kind {
-        DeviceKind::Reference | DeviceKind::Cpu => Ok(vec![Device::open(kind)
-            .map(|d| d.describe())
-            .unwrap_or_default()]),
+        DeviceKind::Reference | DeviceKind::Cpu => {
+            Ok(vec![Device::open(kind).map(|d| d.describe()).unwrap_or_default()])
+        }
         #[cfg(feature = "cube")]
         DeviceKind::Cube => cube::CubeDevice::probe(),
         #[cfg(feature = "cuda")]

@@ -9,13 +9,7 @@ use crate::tensor::View;
 use crate::testing::{rng, uniform};
 
 /// `[B,C,H,W]` of the default cases: seconds on a CPU for every host backend.
-const DEFAULT_SHAPES: [[usize; 4]; 5] = [
-    [1, 1, 1, 1],
-    [1, 3, 7, 5],
-    [2, 3, 64, 64],
-    [1, 16, 64, 64],
-    [2, 1, 33, 20],
-];
+const DEFAULT_SHAPES: [[usize; 4]; 5] = [[1, 1, 1, 1], [1, 3, 7, 5], [2, 3, 64, 64], [1, 16, 64, 64], [2, 1, 33, 20]];
 
 /// The production image sizes [`CaseSet::Large`] adds.
 const LARGE_SHAPES: [[usize; 4]; 2] = [[1, 3, 512, 512], [1, 1, 1024, 2048]];
@@ -32,10 +26,7 @@ pub(crate) fn check_rows(device: &Device, cases: CaseSet) -> Vec<CheckRow> {
         .enumerate()
         .flat_map(|(i, shape)| {
             MaskKind::ALL.into_iter().flat_map(move |mask| {
-                let config = FreqSplitConfig {
-                    mask,
-                    ..FreqSplitConfig::default()
-                };
+                let config = FreqSplitConfig { mask, ..FreqSplitConfig::default() };
                 check_case(device, *shape, &config, 0xF4E0 + i as u64)
             })
         })
@@ -46,14 +37,7 @@ pub(crate) fn check_rows(device: &Device, cases: CaseSet) -> Vec<CheckRow> {
 /// errs (a backend without the op gives a non-failing n/a row).
 fn check_case(device: &Device, shape: [usize; 4], config: &FreqSplitConfig, seed: u64) -> Vec<CheckRow> {
     let x = uniform(&mut rng(seed), shape.iter().product(), -1.0, 1.0);
-    let label = format!(
-        "{}x{}x{}x{} {}",
-        shape[0],
-        shape[1],
-        shape[2],
-        shape[3],
-        config.mask.name()
-    );
+    let label = format!("{}x{}x{}x{} {}", shape[0], shape[1], shape[2], shape[3], config.mask.name());
     let row_name = |output: &str| format!("{OP}.{output}");
     let outputs = View::new(OP, "x", &x, &shape)
         .and_then(|view| Ok((freq_split(device, view, config)?, reference(view, config)?)));
@@ -63,22 +47,8 @@ fn check_case(device: &Device, shape: [usize; 4], config: &FreqSplitConfig, seed
     };
     let tol = tolerance_f32(shape[2], shape[3]);
     vec![
-        CheckRow::compared(
-            row_name("low"),
-            device,
-            label.clone(),
-            &got.low.data,
-            &expected.low.data,
-            tol,
-        ),
-        CheckRow::compared(
-            row_name("high"),
-            device,
-            label.clone(),
-            &got.high.data,
-            &expected.high.data,
-            tol,
-        ),
+        CheckRow::compared(row_name("low"), device, label.clone(), &got.low.data, &expected.low.data, tol),
+        CheckRow::compared(row_name("high"), device, label.clone(), &got.high.data, &expected.high.data, tol),
         CheckRow::compared(
             row_name("band_energy"),
             device,

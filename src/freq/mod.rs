@@ -109,11 +109,7 @@ pub struct FreqSplitConfig {
 impl Default for FreqSplitConfig {
     /// Cutoff 0.15, hard mask, edges `0, 0.15, 0.35, 0.45, 0.9, 1`.
     fn default() -> Self {
-        Self {
-            cutoff: 0.15,
-            mask: MaskKind::Hard,
-            edges: vec![0.0, 0.15, 0.35, 0.45, 0.9, 1.0],
-        }
+        Self { cutoff: 0.15, mask: MaskKind::Hard, edges: vec![0.0, 0.15, 0.35, 0.45, 0.9, 1.0] }
     }
 }
 
@@ -131,19 +127,11 @@ impl FreqSplitConfig {
     /// are not strictly increasing.
     pub fn validate(&self) -> Result<()> {
         if !(self.cutoff.is_finite() && self.cutoff > 0.0) {
-            return Err(config_error(
-                OP,
-                "cutoff",
-                format!("must be a positive finite number, got {}", self.cutoff),
-            ));
+            return Err(config_error(OP, "cutoff", format!("must be a positive finite number, got {}", self.cutoff)));
         }
         let edges = &self.edges;
         if edges.len() < 2 {
-            return Err(config_error(
-                OP,
-                "edges",
-                format!("needs at least 2 edges, got {}", edges.len()),
-            ));
+            return Err(config_error(OP, "edges", format!("needs at least 2 edges, got {}", edges.len())));
         }
         if let Some(e) = edges.iter().find(|e| !(0.0..=1.0).contains(*e)) {
             return Err(config_error(OP, "edges", format!("must lie within [0,1], got {e}")));
@@ -173,11 +161,7 @@ pub struct FreqSplitOutput<T> {
 impl<T> FreqSplitOutput<T> {
     /// The same output with every element of every tensor mapped through `f`.
     pub fn map<U>(&self, f: impl Fn(&T) -> U) -> FreqSplitOutput<U> {
-        FreqSplitOutput {
-            low: self.low.map(&f),
-            high: self.high.map(&f),
-            band_energy: self.band_energy.map(&f),
-        }
+        FreqSplitOutput { low: self.low.map(&f), high: self.high.map(&f), band_energy: self.band_energy.map(&f) }
     }
 }
 
@@ -203,11 +187,7 @@ pub(crate) fn validate<T>(x: &View<'_, T>, config: &FreqSplitConfig) -> Result<F
     expect_nonempty(OP, "x", x)?;
     config.validate()?;
     let s = x.shape();
-    Ok(FreqDims {
-        images: s[0] * s[1],
-        height: s[2],
-        width: s[3],
-    })
+    Ok(FreqDims { images: s[0] * s[1], height: s[2], width: s[3] })
 }
 
 /// Assembles the output tensors from flat buffers; `shape` is `x`'s `[B,C,H,W]`.
@@ -219,18 +199,9 @@ pub(crate) fn output<T>(
     energy: Vec<T>,
 ) -> FreqSplitOutput<T> {
     FreqSplitOutput {
-        low: Tensor {
-            data: low,
-            shape: shape.to_vec(),
-        },
-        high: Tensor {
-            data: high,
-            shape: shape.to_vec(),
-        },
-        band_energy: Tensor {
-            data: energy,
-            shape: vec![shape[0], shape[1], nbands],
-        },
+        low: Tensor { data: low, shape: shape.to_vec() },
+        high: Tensor { data: high, shape: shape.to_vec() },
+        band_energy: Tensor { data: energy, shape: vec![shape[0], shape[1], nbands] },
     }
 }
 

@@ -26,11 +26,8 @@ pub fn freq_split<T: Real>(x: View<'_, T>, config: &FreqSplitConfig) -> Result<F
     let mut low = vec![0.0; xs.len()];
     let mut high = vec![0.0; xs.len()];
     let mut energy = vec![0.0; dims.images * nbands];
-    let images = xs
-        .chunks(pixels)
-        .zip(low.chunks_mut(pixels))
-        .zip(high.chunks_mut(pixels))
-        .zip(energy.chunks_mut(nbands));
+    let images =
+        xs.chunks(pixels).zip(low.chunks_mut(pixels)).zip(high.chunks_mut(pixels)).zip(energy.chunks_mut(nbands));
     for (((x, l), h), e) in images {
         split_image(&plans, &map, &mut ws, x, l, h, e);
     }

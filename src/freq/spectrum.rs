@@ -17,11 +17,7 @@ use crate::tensor::Real;
 /// `numpy.fft.fftfreq(n)[k]`, computed as numpy does: the signed index (`k` below `ceil(n/2)`,
 /// `k - n` from there) times `1/n`.
 pub(crate) fn fftfreq(n: usize, k: usize) -> f64 {
-    let signed = if k < n.div_ceil(2) {
-        k as f64
-    } else {
-        k as f64 - n as f64
-    };
+    let signed = if k < n.div_ceil(2) { k as f64 } else { k as f64 - n as f64 };
     signed * (1.0 / n as f64)
 }
 
@@ -75,12 +71,7 @@ impl<F: Real> SpectralMap<F> {
                 band.push(band_of(&config.edges, r).map_or(NO_BAND, |b| b as u32));
             }
         }
-        Self {
-            height,
-            width,
-            mask,
-            band,
-        }
+        Self { height, width, mask, band }
     }
 }
 
@@ -104,16 +95,11 @@ impl<F: FftNum> Plans<F> {
     }
 
     fn scratch_len(&self) -> usize {
-        [
-            &self.row_forward,
-            &self.row_inverse,
-            &self.col_forward,
-            &self.col_inverse,
-        ]
-        .iter()
-        .map(|p| p.get_inplace_scratch_len())
-        .max()
-        .unwrap_or(0)
+        [&self.row_forward, &self.row_inverse, &self.col_forward, &self.col_inverse]
+            .iter()
+            .map(|p| p.get_inplace_scratch_len())
+            .max()
+            .unwrap_or(0)
     }
 }
 
@@ -128,11 +114,7 @@ impl<F: FftNum> Workspace<F> {
     /// Buffers for images of `pixels` elements transformed with `plans`.
     pub fn new(plans: &Plans<F>, pixels: usize) -> Self {
         let zero = Complex::new(F::zero(), F::zero());
-        Self {
-            rows: vec![zero; pixels],
-            cols: vec![zero; pixels],
-            scratch: vec![zero; plans.scratch_len()],
-        }
+        Self { rows: vec![zero; pixels], cols: vec![zero; pixels], scratch: vec![zero; plans.scratch_len()] }
     }
 }
 

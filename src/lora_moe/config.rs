@@ -163,15 +163,7 @@ impl<'a, T> LoraMoeInputs<'a, T> {
             expect_nonempty(OP, name, view)?;
         }
         expect_nonempty(OP, "router", &self.router)?;
-        let dims = LoraMoeDims {
-            batch,
-            tokens,
-            d,
-            n,
-            experts,
-            rank,
-            dg,
-        };
+        let dims = LoraMoeDims { batch, tokens, d, n, experts, rank, dg };
         config.validate_for(&dims)?;
         Ok(dims)
     }
@@ -192,7 +184,11 @@ impl LoraMoeConfig {
             ));
         }
         if !(self.temperature.is_finite() && self.temperature > 0.0) {
-            return Err(config_error(OP, "temperature", format!("must be positive and finite, got {}", self.temperature)));
+            return Err(config_error(
+                OP,
+                "temperature",
+                format!("must be positive and finite, got {}", self.temperature),
+            ));
         }
         if !(0.0..=1.0).contains(&self.lambda) {
             return Err(config_error(OP, "lambda", format!("must lie in [0,1], got {}", self.lambda)));
@@ -209,5 +205,64 @@ impl LoraMoeConfig {
     /// The LoRA scale in effect: the given one, else `1 / rank`.
     pub fn scale_for(&self, rank: usize) -> f64 {
         self.scale.unwrap_or(1.0 / rank as f64)
+    }
+}
+
+/// Owned LoRA-MoE inputs: what tests, checks, benches and files hold; [`Self::inputs`] lends
+/// them as [`LoraMoeInputs`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct LoraMoeTensors {
+    /// `[B,T,d]`.
+    pub x: Tensor<f32>,
+    /// `[n,d]`.
+    pub weight: Tensor<f32>,
+    /// `[n]`.
+    pub bias: Option<Tensor<f32>>,
+    /// `[E,r,d]`.
+    pub lora_a: Tensor<f32>,
+    /// `[E,n,r]`.
+    pub lora_b: Tensor<f32>,
+    /// `[E,dg]`.
+    pub router: Tensor<f32>,
+    /// `[B,T,dg]`.
+    pub guidance: Option<Tensor<f32>>,
+}
+
+impl LoraMoeTensors {
+    /// Seeded random inputs of `dims`, with a bias when `bias`, and guidance when
+    /// `dims.dg != dims.d`. `x`, the router and guidance are uniform in [-1,1); the weights are
+    /// scaled by 1/sqrt(d), and `lora_b` is uniform in [-0.5,0.5) so that the LoRA term matters
+    /// next to the base projection.
+    pub fn random(seed: u64, dims: LoraMoeDims, bias: bool) -> Self {
+        use crate::testing::{rng, uniform};
+        let LoraMoeDims { batch, tokens, d, n, experts, rank, dg } = dims;
+        let mut r = rng(seed);
+        let w = 1.0 / (d as f32).sqrt();
+        let mut tensor = |shape: Vec<usize>, bound: f32| {
+            let data = uniform(&mut r, shape.iter().product(), -bound, bound);
+            Tensor { data, shape }
+        };
+        Self {
+            x: tensor(vec![batch, tokens, d], 1.0),
+            weight: tensor(vec![n, d], w),
+            bias: bias.then(|| tensor(vec![n], 0.1)),
+            lora_a: tensor(vec![experts, rank, d], w),
+            lora_b: tensor(vec![experts, n, rank], 0.5),
+            router: tensor(vec![experts, dg], 1.0),
+            guidance: (dg != d).then(|| tensor(vec![batch, tokens, dg], 1.0)),
+        }
+    }
+
+    /// Borrowed views of every tensor.
+    pub fn inputs(&self) -> LoraMoeInputs<'_, f32> {
+        LoraMoeInputs {
+            x: self.x.view(),
+            weight: self.weight.view(),
+            bias: self.bias.as_ref().map(Tensor::view),
+            lora_a: self.lora_a.view(),
+            lora_b: self.lora_b.view(),
+            router: self.router.view(),
+            guidance: self.guidance.as_ref().map(Tensor::view),
+        }
     }
 }

@@ -11,11 +11,7 @@ use crate::error::{FapeError, Result};
 use crate::tensor::Tensor;
 
 fn candle_err(context: &str) -> impl Fn(candle_core::Error) -> FapeError + '_ {
-    move |e| FapeError::Device {
-        backend: "cpu",
-        context: context.to_string(),
-        message: e.to_string(),
-    }
+    move |e| FapeError::Device { backend: "cpu", context: context.to_string(), message: e.to_string() }
 }
 
 /// `a [m,k] · b[rows,k]^T -> [m,rows]` through candle's multithreaded CPU GEMM.
@@ -24,10 +20,7 @@ fn matmul_nt(a: &[f32], m: usize, k: usize, b: &[f32], rows: usize) -> Result<Ve
     let cpu = CandleDevice::Cpu;
     let a = CandleTensor::from_slice(a, (m, k), &cpu).map_err(&err)?;
     let b = CandleTensor::from_slice(b, (rows, k), &cpu).map_err(&err)?;
-    a.matmul(&b.t().map_err(&err)?)
-        .and_then(|c| c.flatten_all())
-        .and_then(|c| c.to_vec1::<f32>())
-        .map_err(&err)
+    a.matmul(&b.t().map_err(&err)?).and_then(|c| c.flatten_all()).and_then(|c| c.to_vec1::<f32>()).map_err(&err)
 }
 
 /// Mean of squares of one image's band, in f64.
@@ -42,11 +35,7 @@ fn band_energy(band: Band, x: &[f32], low: &[f32]) -> f64 {
 
 /// Per-image band-energy priors `[B][E]`.
 fn priors(x: &[f32], dims: &LoraMoeDims, bands: &[Band], h: &[f64]) -> Vec<Vec<f64>> {
-    let lowpass_dims = LowpassDims {
-        batch: dims.batch,
-        tokens: dims.tokens,
-        channels: dims.d,
-    };
+    let lowpass_dims = LowpassDims { batch: dims.batch, tokens: dims.tokens, channels: dims.d };
     let low = filter_tokens_parallel(x, lowpass_dims, h);
     let per_image = dims.tokens * dims.d;
     x.par_chunks(per_image)
@@ -62,11 +51,7 @@ fn priors(x: &[f32], dims: &LoraMoeDims, bands: &[Band], h: &[f64]) -> Vec<Vec<f
 /// in place (low-pass along tokens within each image).
 fn filter_shrunk(s: &mut [f32], dims: &LoraMoeDims, bands: &[Band], h: &[f64]) {
     let width = dims.experts * dims.rank;
-    let one = LowpassDims {
-        batch: 1,
-        tokens: dims.tokens,
-        channels: width,
-    };
+    let one = LowpassDims { batch: 1, tokens: dims.tokens, channels: width };
     s.par_chunks_mut(dims.tokens * width).for_each(|image| {
         let low = filter_tokens(image, one, h);
         for (row, low_row) in image.chunks_mut(width).zip(low.chunks(width)) {
@@ -124,8 +109,9 @@ pub(crate) fn lora_moe(inputs: &LoraMoeInputs<'_, f32>, config: &LoraMoeConfig) 
         .into_par_iter()
         .flat_map_iter(|o| {
             let base = weight[o * dims.d..(o + 1) * dims.d].iter().copied();
-            let lora = (0..dims.experts)
-                .flat_map(move |e| lora_b[(e * dims.n + o) * dims.rank..(e * dims.n + o + 1) * dims.rank].iter().copied());
+            let lora = (0..dims.experts).flat_map(move |e| {
+                lora_b[(e * dims.n + o) * dims.rank..(e * dims.n + o + 1) * dims.rank].iter().copied()
+            });
             base.chain(lora)
         })
         .collect();
@@ -134,10 +120,7 @@ pub(crate) fn lora_moe(inputs: &LoraMoeInputs<'_, f32>, config: &LoraMoeConfig) 
         y.par_chunks_mut(dims.n).for_each(|row| row.iter_mut().zip(bias.data()).for_each(|(v, b)| *v += b));
     }
     Ok(LoraMoeOutput {
-        y: Tensor {
-            data: y,
-            shape: vec![dims.batch, dims.tokens, dims.n],
-        },
+        y: Tensor { data: y, shape: vec![dims.batch, dims.tokens, dims.n] },
         gates: Tensor {
             data: gates.into_iter().map(|g| g as f32).collect(),
             shape: vec![dims.batch, dims.tokens, dims.experts],

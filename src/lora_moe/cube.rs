@@ -59,11 +59,7 @@ fn token_lowpass_kernel<N: Size>(
 /// when an extent does not fit the kernel's 32-bit indices; [`FapeError::Device`] on upload,
 /// launch or read-back failures.
 pub(crate) fn token_lowpass(d: &CubeDevice, x: &[f32], dims: LowpassDims, h: &[f64]) -> Result<Vec<f32>> {
-    let LowpassDims {
-        batch,
-        tokens,
-        channels,
-    } = dims;
+    let LowpassDims { batch, tokens, channels } = dims;
     let n = batch * tokens * channels;
     if x.len() != n {
         return Err(FapeError::Layout {

@@ -30,23 +30,10 @@ mod lowpass_cfg {
 /// # Errors
 /// [`FapeError::Unsupported`] when an extent exceeds the kernel's 32-bit indexing;
 /// [`FapeError::Nvrtc`] / [`FapeError::Device`] from compilation, transfers and the launch.
-pub(crate) fn token_lowpass(
-    d: &CudaDevice,
-    x: &[f32],
-    dims: LowpassDims,
-    h: &[f64],
-) -> Result<Vec<f32>> {
+pub(crate) fn token_lowpass(d: &CudaDevice, x: &[f32], dims: LowpassDims, h: &[f64]) -> Result<Vec<f32>> {
     use lowpass_cfg::*;
-    let LowpassDims {
-        batch,
-        tokens,
-        channels,
-    } = dims;
-    debug_assert_eq!(
-        x.len(),
-        batch * tokens * channels,
-        "validated by the caller"
-    );
+    let LowpassDims { batch, tokens, channels } = dims;
+    debug_assert_eq!(x.len(), batch * tokens * channels, "validated by the caller");
     debug_assert!(h.len() % 2 == 1, "validated by the caller");
     let batch_i = kernel_int(LOWPASS_OP, "batch", batch)?;
     let tokens_i = kernel_int(LOWPASS_OP, "tokens", tokens)?;
@@ -60,26 +47,16 @@ pub(crate) fn token_lowpass(
     // The kernel forms token indices up to T + taps + a tile and channels up to a whole
     // tile in int.
     kernel_int(LOWPASS_OP, "tokens + taps", tokens + h.len() + tile_tokens)?;
-    kernel_int(
-        LOWPASS_OP,
-        "channels rounded up to a tile",
-        tiles(channels, CHANNELS) * CHANNELS,
-    )?;
+    kernel_int(LOWPASS_OP, "channels rounded up to a tile", tiles(channels, CHANNELS) * CHANNELS)?;
 
-    let blocks = tiles(channels, CHANNELS)
-        .checked_mul(tiles(tokens, tile_tokens))
-        .ok_or_else(|| FapeError::Unsupported {
+    let blocks =
+        tiles(channels, CHANNELS).checked_mul(tiles(tokens, tile_tokens)).ok_or_else(|| FapeError::Unsupported {
             op: LOWPASS_OP,
             backend: "cuda",
             what: format!("{tokens} tokens x {channels} channels is too many tiles"),
         })?;
     // Images beyond gridDim.y are covered by the kernel's grid-stride loop.
-    let cfg = launch_config(
-        LOWPASS_OP,
-        (blocks, batch.min(65_535), 1),
-        (CHANNELS as u32, ROW_GROUPS as u32, 1),
-        0,
-    )?;
+    let cfg = launch_config(LOWPASS_OP, (blocks, batch.min(65_535), 1), (CHANNELS as u32, ROW_GROUPS as u32, 1), 0)?;
 
     let function = d.function(LORA_MOE_CU, kernel)?;
     let h32: Vec<f32> = h.iter().map(|&w| w as f32).collect();
@@ -89,14 +66,7 @@ pub(crate) fn token_lowpass(
 
     let stream = d.stream();
     let mut launch = stream.launch_builder(&function);
-    launch
-        .arg(&x_dev)
-        .arg(&h_dev)
-        .arg(&mut out)
-        .arg(&batch_i)
-        .arg(&tokens_i)
-        .arg(&channels_i)
-        .arg(&taps_i);
+    launch.arg(&x_dev).arg(&h_dev).arg(&mut out).arg(&batch_i).arg(&tokens_i).arg(&channels_i).arg(&taps_i);
     // SAFETY: the arguments match `token_lowpass_f32` / `token_lowpass_long_f32(const float* x,
     // const float* h, float* out, int batch, int tokens, int channels, int taps)` in order and
     // type, and the grid was sized with the chosen kernel's tile; `x_dev` and `out` hold batch*tokens*channels f32 and `h_dev` holds taps f32, and the kernel only

@@ -27,7 +27,7 @@ pub fn gaussian_taps(taps: usize, sigma: f64) -> Result<Vec<f64>> {
 }
 
 pub(crate) fn validate_filter(op: &'static str, taps: usize, sigma: f64) -> Result<()> {
-    if taps == 0 || taps % 2 == 0 {
+    if taps == 0 || taps.is_multiple_of(2) {
         return Err(config_error(op, "taps", format!("must be odd and positive, got {taps}")));
     }
     if !(sigma.is_finite() && sigma > 0.0) {
@@ -51,11 +51,7 @@ fn validate<T>(x: &View<'_, T>) -> Result<LowpassDims> {
     expect_shape(OP, "x", x, "[B,T,C]", &[None, None, None])?;
     expect_nonempty(OP, "x", x)?;
     let s = x.shape();
-    Ok(LowpassDims {
-        batch: s[0],
-        tokens: s[1],
-        channels: s[2],
-    })
+    Ok(LowpassDims { batch: s[0], tokens: s[1], channels: s[2] })
 }
 
 /// Exact f64 reference of the token low-pass. `x`: `[B,T,C]`; returns `[B,T,C]`.
@@ -66,10 +62,7 @@ pub fn reference<T: Real>(x: View<'_, T>, taps: usize, sigma: f64) -> Result<Ten
     let dims = validate(&x)?;
     let h = gaussian_taps(taps, sigma)?;
     let xs: Vec<f64> = x.data().iter().map(|v| v.to_f64()).collect();
-    Ok(Tensor {
-        data: filter_tokens(&xs, dims, &h),
-        shape: x.shape().to_vec(),
-    })
+    Ok(Tensor { data: filter_tokens(&xs, dims, &h), shape: x.shape().to_vec() })
 }
 
 /// Filters every channel of every image along tokens with `h` (zero padding). Generic so the
@@ -78,11 +71,7 @@ pub(crate) fn filter_tokens<F>(x: &[F], dims: LowpassDims, h: &[f64]) -> Vec<F>
 where
     F: Copy + Default + std::ops::Add<Output = F> + std::ops::Mul<Output = F> + Real,
 {
-    let LowpassDims {
-        batch,
-        tokens,
-        channels,
-    } = dims;
+    let LowpassDims { batch, tokens, channels } = dims;
     let half = (h.len() - 1) / 2;
     let hf: Vec<F> = h.iter().map(|&w| F::from_f64(w)).collect();
     let mut out = vec![F::default(); x.len()];
@@ -122,10 +111,7 @@ pub fn token_lowpass(device: &Device, x: View<'_, f32>, taps: usize, sigma: f64)
         #[cfg(feature = "cuda")]
         Device::Cuda(d) => super::cuda::token_lowpass(d, x.data(), dims, &h)?,
     };
-    Ok(Tensor {
-        data,
-        shape: x.shape().to_vec(),
-    })
+    Ok(Tensor { data, shape: x.shape().to_vec() })
 }
 
 /// The CPU backend's low-pass: images in parallel.
@@ -133,7 +119,5 @@ pub(crate) fn filter_tokens_parallel(x: &[f32], dims: LowpassDims, h: &[f64]) ->
     use rayon::prelude::*;
     let per_image = dims.tokens * dims.channels;
     let one = LowpassDims { batch: 1, ..dims };
-    x.par_chunks(per_image)
-        .flat_map_iter(|image| filter_tokens(image, one, h))
-        .collect()
+    x.par_chunks(per_image).flat_map_iter(|image| filter_tokens(image, one, h)).collect()
 }

@@ -12,7 +12,7 @@ mod cuda;
 mod gating;
 mod lowpass;
 
-pub use config::{Band, LoraMoeConfig, LoraMoeDims, LoraMoeInputs, LoraMoeOutput, OP};
+pub use config::{Band, LoraMoeConfig, LoraMoeDims, LoraMoeInputs, LoraMoeOutput, LoraMoeTensors, OP};
 pub use lowpass::{gaussian_taps, token_lowpass, LowpassDims};
 
 pub(crate) use check::check_rows;
@@ -41,13 +41,15 @@ mod reference_impl;
 /// # Errors
 /// Shape and config errors of [`LoraMoeInputs::validate`]; [`crate::FapeError::Unsupported`] on
 /// GPU backends until their kernels land (issue #3).
-pub fn lora_moe(device: &Device, inputs: &LoraMoeInputs<'_, f32>, config: &LoraMoeConfig) -> Result<LoraMoeOutput<f32>> {
+pub fn lora_moe(
+    device: &Device,
+    inputs: &LoraMoeInputs<'_, f32>,
+    config: &LoraMoeConfig,
+) -> Result<LoraMoeOutput<f32>> {
     inputs.validate(config)?;
     match device {
-        Device::Reference => reference::lora_moe(inputs, config).map(|o| LoraMoeOutput {
-            y: o.y.map(|&v| v as f32),
-            gates: o.gates.map(|&v| v as f32),
-        }),
+        Device::Reference => reference::lora_moe(inputs, config)
+            .map(|o| LoraMoeOutput { y: o.y.map(|&v| v as f32), gates: o.gates.map(|&v| v as f32) }),
         Device::Cpu => cpu::lora_moe(inputs, config),
         #[allow(unreachable_patterns)]
         _ => Err(device.unsupported(OP, "the fused GPU kernels land with issue #3")),

@@ -39,11 +39,7 @@ pub fn lora_moe<T: Real>(inputs: &LoraMoeInputs<'_, T>, config: &LoraMoeConfig) 
     let lora_b = to_f64(inputs.lora_b.data());
     let router = to_f64(inputs.router.data());
     let guidance = inputs.guidance.map(|g| to_f64(g.data()));
-    let one_image = LowpassDims {
-        batch: 1,
-        tokens,
-        channels: d,
-    };
+    let one_image = LowpassDims { batch: 1, tokens, channels: d };
 
     let mut y = Vec::with_capacity(dims.batch * tokens * n);
     let mut gates = Vec::with_capacity(dims.batch * tokens * experts);
@@ -51,10 +47,8 @@ pub fn lora_moe<T: Real>(inputs: &LoraMoeInputs<'_, T>, config: &LoraMoeConfig) 
         let xb = &x[b * tokens * d..(b + 1) * tokens * d];
         let low = filter_tokens(xb, one_image, &h);
         let bands: Vec<Vec<f64>> = config.bands.iter().map(|&band| band_of(band, xb, &low)).collect();
-        let energies: Vec<f64> = bands
-            .iter()
-            .map(|v| v.iter().map(|e| e * e).sum::<f64>() / (tokens * d) as f64)
-            .collect();
+        let energies: Vec<f64> =
+            bands.iter().map(|v| v.iter().map(|e| e * e).sum::<f64>() / (tokens * d) as f64).collect();
         let prior = energy_prior(&energies);
         let gb = guidance.as_ref().map_or(xb, |g| &g[b * tokens * dg..(b + 1) * tokens * dg]);
 
@@ -62,9 +56,8 @@ pub fn lora_moe<T: Real>(inputs: &LoraMoeInputs<'_, T>, config: &LoraMoeConfig) 
             .into_par_iter()
             .map(|t| {
                 let g = &gb[t * dg..(t + 1) * dg];
-                let mut gate: Vec<f64> = (0..experts)
-                    .map(|e| dot(&router[e * dg..(e + 1) * dg], g) / config.temperature)
-                    .collect();
+                let mut gate: Vec<f64> =
+                    (0..experts).map(|e| dot(&router[e * dg..(e + 1) * dg], g) / config.temperature).collect();
                 gate_token(&mut gate, &prior, config.lambda, config.top_k);
                 let xt = &xb[t * d..(t + 1) * d];
                 let mut yt: Vec<f64> = (0..n)
@@ -72,9 +65,8 @@ pub fn lora_moe<T: Real>(inputs: &LoraMoeInputs<'_, T>, config: &LoraMoeConfig) 
                     .collect();
                 for (e, band) in bands.iter().enumerate() {
                     let bt = &band[t * d..(t + 1) * d];
-                    let shrunk: Vec<f64> = (0..rank)
-                        .map(|j| dot(&lora_a[(e * rank + j) * d..(e * rank + j + 1) * d], bt))
-                        .collect();
+                    let shrunk: Vec<f64> =
+                        (0..rank).map(|j| dot(&lora_a[(e * rank + j) * d..(e * rank + j + 1) * d], bt)).collect();
                     for (o, yo) in yt.iter_mut().enumerate() {
                         let up = dot(&lora_b[(e * n + o) * rank..(e * n + o + 1) * rank], &shrunk);
                         *yo += scale * gate[e] * up;
@@ -89,14 +81,8 @@ pub fn lora_moe<T: Real>(inputs: &LoraMoeInputs<'_, T>, config: &LoraMoeConfig) 
         }
     }
     Ok(LoraMoeOutput {
-        y: Tensor {
-            data: y,
-            shape: vec![dims.batch, tokens, n],
-        },
-        gates: Tensor {
-            data: gates,
-            shape: vec![dims.batch, tokens, experts],
-        },
+        y: Tensor { data: y, shape: vec![dims.batch, tokens, n] },
+        gates: Tensor { data: gates, shape: vec![dims.batch, tokens, experts] },
     })
 }
 
