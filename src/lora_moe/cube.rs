@@ -117,3 +117,12 @@ pub(crate) fn token_lowpass(d: &CubeDevice, x: &[f32], dims: LowpassDims, h: &[f
     })?;
     d.read(&out)
 }
+
+/// The LoRA-MoE layer on this backend (being written for issue #3).
+pub(crate) fn lora_moe(
+    _d: &crate::backend::cube::CubeDevice,
+    _inputs: &super::LoraMoeInputs<'_, f32>,
+    _config: &super::LoraMoeConfig,
+) -> Result<super::LoraMoeOutput<f32>> {
+    Err(FapeError::Unsupported { op: super::OP, backend: "cube", what: "the fused GPU kernels land with issue #3".into() })
+}

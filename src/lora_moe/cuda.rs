@@ -77,3 +77,12 @@ pub(crate) fn token_lowpass(d: &CudaDevice, x: &[f32], dims: LowpassDims, h: &[f
     unsafe { launch.launch(cfg) }.map_err(dev_err(format!("launching {kernel}")))?;
     d.download("out", &out)
 }
+
+/// The LoRA-MoE layer on this backend (being written for issue #3).
+pub(crate) fn lora_moe(
+    _d: &crate::backend::cuda::CudaDevice,
+    _inputs: &super::LoraMoeInputs<'_, f32>,
+    _config: &super::LoraMoeConfig,
+) -> Result<super::LoraMoeOutput<f32>> {
+    Err(FapeError::Unsupported { op: super::OP, backend: "cuda", what: "the fused GPU kernels land with issue #3".into() })
+}

@@ -51,7 +51,9 @@ pub fn lora_moe(
         Device::Reference => reference::lora_moe(inputs, config)
             .map(|o| LoraMoeOutput { y: o.y.map(|&v| v as f32), gates: o.gates.map(|&v| v as f32) }),
         Device::Cpu => cpu::lora_moe(inputs, config),
-        #[allow(unreachable_patterns)]
-        _ => Err(device.unsupported(OP, "the fused GPU kernels land with issue #3")),
+        #[cfg(feature = "cube")]
+        Device::Cube(d) => cube::lora_moe(d, inputs, config),
+        #[cfg(feature = "cuda")]
+        Device::Cuda(d) => cuda::lora_moe(d, inputs, config),
     }
 }
