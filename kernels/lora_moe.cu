@@ -160,3 +160,213 @@ token_lowpass_long_f32(const float* __restrict__ x,
 {
     token_lowpass_body<token_lowpass_cfg::LONG_ROWS, true>(x, h, out, batch, tokens, channels, taps);
 }
+
+// ---------------------------------------------------------------------------------------------
+// lora_moe: the fused LoRA-MoE layer, f32. The launch wrapper (src/lora_moe/cuda.rs) runs
+//
+//   1. s      = x . A_cat^T                  lora_moe_gemm_nt_f32   [B*T, E*r]  (shrink first)
+//   2. logits = g . router^T                 lora_moe_gemm_nt_f32   [B*T, E]    (g = guidance or x)
+//   3. low(x)                                token_lowpass_f32      [B, T, d]
+//      band-energy partial sums per image    lora_moe_energy_f32    [B * chunks, 3] f64
+//   4. gates on the host in f64 (gating::gate_token), uploaded as factor = scale * gate [B*T, E]
+//   5. low(s)                                token_lowpass_f32      [B, T, E*r]
+//      u = factor * band_e(s)                lora_moe_band_scale_f32
+//   6. y = [x | u] . [W | B_cat]^T + bias    lora_moe_gemm_nt_f32   [B*T, n]  (one GEMM over
+//                                                                  the augmented K = d + E*r)
+//
+// Full f32 everywhere (no TF32): the op's f32 tolerance (rel-L2 1e-4) is below TF32's error.
+// ---------------------------------------------------------------------------------------------
+
+namespace lora_moe_gemm_cfg {
+constexpr int DIM = 16;                                  // = blockDim.x = blockDim.y
+constexpr int THREADS = DIM * DIM;
+constexpr int TILE_M = 64;                               // rows of C per block
+constexpr int TILE_N = 64;                               // columns of C per block
+constexpr int TILE_K = 16;                               // K staged per pass
+constexpr int RM = TILE_M / DIM;                         // rows per thread
+constexpr int RN = TILE_N / DIM;                         // columns per thread
+static_assert(TILE_M % DIM == 0 && TILE_N % DIM == 0, "register blocking divides the tile");
+static_assert(TILE_M * TILE_K % THREADS == 0 && TILE_N * TILE_K % THREADS == 0, "staging divides evenly");
+}  // namespace lora_moe_gemm_cfg
+
+// Element k of row `row` of the augmented operand [p1 | p2] (p1: [rows, k1], p2: [rows, k2],
+// dense row-major), zero outside row < rows, k < k1 + k2.
+__device__ __forceinline__ float lora_moe_gemm_load(const float* __restrict__ p1,
+                                                    const float* __restrict__ p2,
+                                                    int k1,
+                                                    int k2,
+                                                    int row,
+                                                    int rows,
+                                                    int k)
+{
+    if (row >= rows) return 0.0f;
+    if (k < k1) return p1[(long long)row * k1 + k];
+    if (k < k1 + k2) return p2[(long long)row * k2 + (k - k1)];
+    return 0.0f;
+}
+
+// c[m, n] = [a1 | a2] . [b1 | b2]^T (+ bias[n] when has_bias), i.e.
+// a1[m, k1] . b1[n, k1]^T + a2[m, k2] . b2[n, k2]^T, every operand dense row-major f32: one
+// GEMM over the augmented K = k1 + k2. k2 may be 0 (a2, b2 then unread). Each output is one
+// f32 FMA chain over the augmented k ascending, then + bias (as the CPU path).
+// Grid: (ceil(m / TILE_M), ceil(n / TILE_N), 1); block: (DIM, DIM, 1). Shared tiles are stored
+// k-major (transposed) with one float of padding per row; out-of-range rows, columns and k are
+// staged as zeros. Thread (tx, ty) owns rows row0 + ty + DIM*i and columns col0 + tx + DIM*j,
+// so shared reads are broadcasts / consecutive and global stores are 16-float row segments.
+extern "C" __global__ void __launch_bounds__(lora_moe_gemm_cfg::THREADS)
+lora_moe_gemm_nt_f32(const float* __restrict__ a1,
+                     const float* __restrict__ b1,
+                     int k1,
+                     const float* __restrict__ a2,
+                     const float* __restrict__ b2,
+                     int k2,
+                     const float* __restrict__ bias,
+                     int has_bias,
+                     float* __restrict__ c,
+                     int m,
+                     int n)
+{
+    using namespace lora_moe_gemm_cfg;
+    __shared__ float as[TILE_K][TILE_M + 1];
+    __shared__ float bs[TILE_K][TILE_N + 1];
+    const int tx = threadIdx.x;
+    const int ty = threadIdx.y;
+    const int tid = ty * DIM + tx;
+    const int row0 = blockIdx.x * TILE_M;
+    const int col0 = blockIdx.y * TILE_N;
+    const int k_total = k1 + k2;
+
+    float acc[RM][RN];
+#pragma unroll
+    for (int i = 0; i < RM; ++i) {
+#pragma unroll
+        for (int j = 0; j < RN; ++j) acc[i][j] = 0.0f;
+    }
+
+    for (int k0 = 0; k0 < k_total; k0 += TILE_K) {
+        __syncthreads();                                 // the previous tile is consumed
+#pragma unroll
+        for (int l = 0; l < TILE_M * TILE_K / THREADS; ++l) {
+            const int i = tid + l * THREADS;
+            const int r = i / TILE_K;
+            const int kk = i % TILE_K;
+            as[kk][r] = lora_moe_gemm_load(a1, a2, k1, k2, row0 + r, m, k0 + kk);
+        }
+#pragma unroll
+        for (int l = 0; l < TILE_N * TILE_K / THREADS; ++l) {
+            const int i = tid + l * THREADS;
+            const int r = i / TILE_K;
+            const int kk = i % TILE_K;
+            bs[kk][r] = lora_moe_gemm_load(b1, b2, k1, k2, col0 + r, n, k0 + kk);
+        }
+        __syncthreads();
+#pragma unroll
+        for (int kk = 0; kk < TILE_K; ++kk) {
+            float av[RM];
+            float bv[RN];
+#pragma unroll
+            for (int i = 0; i < RM; ++i) av[i] = as[kk][ty + DIM * i];
+#pragma unroll
+            for (int j = 0; j < RN; ++j) bv[j] = bs[kk][tx + DIM * j];
+#pragma unroll
+            for (int i = 0; i < RM; ++i) {
+#pragma unroll
+                for (int j = 0; j < RN; ++j) acc[i][j] = fmaf(av[i], bv[j], acc[i][j]);
+            }
+        }
+    }
+
+#pragma unroll
+    for (int i = 0; i < RM; ++i) {
+        const int row = row0 + ty + DIM * i;
+        if (row >= m) continue;
+#pragma unroll
+        for (int j = 0; j < RN; ++j) {
+            const int col = col0 + tx + DIM * j;
+            if (col < n) c[(long long)row * n + col] = has_bias ? acc[i][j] + bias[col] : acc[i][j];
+        }
+    }
+}
+
+namespace lora_moe_energy_cfg {
+constexpr int THREADS = 256;                             // = blockDim.x
+constexpr int CHUNK = 4096;                              // entries of one image per block
+constexpr int WARPS = THREADS / 32;
+}  // namespace lora_moe_energy_cfg
+
+// Per-image band-energy partial sums in f64. x, low: [B, per_image] (low = low(x) along
+// tokens). Block blockIdx.x = b * chunks + chunk sums entries [chunk*CHUNK, (chunk+1)*CHUNK)
+// of image b and writes partials[blockIdx.x * 3 + {0, 1, 2}] = sums of low^2, (x - low)^2,
+// x^2. The host adds the chunks of each image. Grid: (B * chunks, 1, 1); block: (THREADS, 1, 1).
+extern "C" __global__ void __launch_bounds__(lora_moe_energy_cfg::THREADS)
+lora_moe_energy_f32(const float* __restrict__ x,
+                    const float* __restrict__ low,
+                    double* __restrict__ partials,
+                    int chunks,
+                    long long per_image)
+{
+    using namespace lora_moe_energy_cfg;
+    __shared__ double sums[WARPS][3];
+    const int b = blockIdx.x / chunks;
+    const int chunk = blockIdx.x % chunks;
+    const long long base = (long long)b * per_image;
+    const long long start = (long long)chunk * CHUNK;
+    const long long end = min(start + CHUNK, per_image);
+
+    double s_low = 0.0;
+    double s_high = 0.0;
+    double s_full = 0.0;
+    for (long long i = start + threadIdx.x; i < end; i += THREADS) {
+        const double xv = (double)x[base + i];
+        const double lv = (double)low[base + i];
+        const double hv = xv - lv;
+        s_low += lv * lv;
+        s_high += hv * hv;
+        s_full += xv * xv;
+    }
+#pragma unroll
+    for (int offset = 16; offset > 0; offset >>= 1) {
+        s_low += __shfl_down_sync(0xffffffffu, s_low, offset);
+        s_high += __shfl_down_sync(0xffffffffu, s_high, offset);
+        s_full += __shfl_down_sync(0xffffffffu, s_full, offset);
+    }
+    const int warp = threadIdx.x / 32;
+    if (threadIdx.x % 32 == 0) {
+        sums[warp][0] = s_low;
+        sums[warp][1] = s_high;
+        sums[warp][2] = s_full;
+    }
+    __syncthreads();
+    if (threadIdx.x < 3) {
+        double total = 0.0;
+        for (int w = 0; w < WARPS; ++w) total += sums[w][threadIdx.x];
+        partials[(long long)blockIdx.x * 3 + threadIdx.x] = total;
+    }
+}
+
+// u[row, e*r + j] = factor[row, e] * band_e(s)[row, e*r + j] with band_e(s) = low (bands[e] = 0),
+// s - low (1) or s (2). s, low, u: [rows, E*r]; factor: [rows, E] (scale * gate); bands: [E].
+// Grid-stride over the rows * E * r entries. Grid: (blocks, 1, 1); block: (256, 1, 1).
+extern "C" __global__ void __launch_bounds__(256)
+lora_moe_band_scale_f32(const float* __restrict__ s,
+                        const float* __restrict__ low,
+                        const float* __restrict__ factor,
+                        const int* __restrict__ bands,
+                        float* __restrict__ u,
+                        int rows,
+                        int experts,
+                        int rank)
+{
+    const long long width = (long long)experts * rank;
+    const long long total = (long long)rows * width;
+    const long long stride = (long long)gridDim.x * blockDim.x;
+    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < total; i += stride) {
+        const long long row = i / width;
+        const int e = (int)((i % width) / rank);
+        const int band = bands[e];
+        const float sv = s[i];
+        const float lv = low[i];
+        const float v = band == 0 ? lv : (band == 1 ? sv - lv : sv);
+        u[i] = factor[row * experts + e] * v;
+    }
+}

@@ -17,6 +17,8 @@
 
 mod check;
 mod cpu;
+#[cfg(feature = "cube")]
+mod cube;
 pub mod reference;
 
 pub(crate) use check::check_rows;
@@ -206,7 +208,8 @@ pub fn attention(device: &Device, inputs: &AttentionInputs<'_, f32>, config: &At
         Device::Reference => reference::attention(inputs, config).map(|t| t.map(|&v| v as f32)),
         Device::Cpu => Ok(cpu::attention(inputs, dims, config.scale_for(dims.head_dim))),
         #[cfg(feature = "cube")]
-        Device::Cube(_) => Err(device.unsupported(OP, GPU_PENDING)),
+        Device::Cube(d) => cube::attention(d, inputs, dims, config.scale_for(dims.head_dim))
+            .map(|data| Tensor { data, shape: inputs.q.shape().to_vec() }),
         #[cfg(feature = "cuda")]
         Device::Cuda(_) => Err(device.unsupported(OP, GPU_PENDING)),
     }

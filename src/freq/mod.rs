@@ -15,6 +15,8 @@
 
 mod check;
 mod cpu;
+#[cfg(feature = "cube")]
+mod cube;
 pub mod reference;
 mod spectrum;
 
@@ -223,7 +225,7 @@ pub fn freq_split(device: &Device, x: View<'_, f32>, config: &FreqSplitConfig) -
         Device::Reference => reference::freq_split(x, config).map(|out| out.map(|&v| v as f32)),
         Device::Cpu => Ok(cpu::freq_split(x, dims, config)),
         #[cfg(feature = "cube")]
-        Device::Cube(_) => Err(device.unsupported(OP, GPU_PENDING)),
+        Device::Cube(d) => cube::freq_split(d, x, dims, config),
         #[cfg(feature = "cuda")]
         Device::Cuda(_) => Err(device.unsupported(OP, GPU_PENDING)),
     }
