@@ -44,7 +44,8 @@ pub const ROPE_THETA: f64 = 10_000.0;
 
 /// Why GPU backends reject the op for now.
 #[cfg(any(feature = "cube", feature = "cuda"))]
-const GPU_PENDING: &str = "the GPU attention kernels land with issue #5";
+#[cfg(feature = "cuda")]
+const GPU_PENDING: &str = "the CUDA attention kernels land with issue #5";
 
 /// Scalar settings of attention.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
@@ -196,11 +197,13 @@ impl<'a, T> AttentionInputs<'a, T> {
 /// Attention on `device` in f32. Shapes as [`AttentionInputs`]; returns `out` `[B,H,Lq,D]`.
 ///
 /// `Device::Reference` runs [`reference::attention`] and rounds to f32; `Device::Cpu` runs the
-/// fast f32 CPU path (rayon over batch, heads and blocks of query rows).
+/// fast f32 CPU path (rayon over batch, heads and blocks of query rows); `Device::Cube` a
+/// flash-style CubeCL kernel (online softmax over key tiles, norms and RoPE in a pre-pass).
 ///
 /// # Errors
 /// Shape and config errors as [`AttentionInputs::validate`] and [`AttentionConfig::validate`];
-/// [`FapeError::Unsupported`] on GPU backends until their kernels land.
+/// [`FapeError::Unsupported`] on CUDA until its kernel lands (issue #5), and on Cube for head
+/// dimensions whose key/value tile does not fit the adapter's shared memory.
 pub fn attention(device: &Device, inputs: &AttentionInputs<'_, f32>, config: &AttentionConfig) -> Result<Tensor<f32>> {
     let dims = inputs.validate()?;
     config.validate()?;

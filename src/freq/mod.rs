@@ -207,9 +207,9 @@ pub(crate) fn output<T>(
     }
 }
 
-/// Why the GPU backends answer [`FapeError::Unsupported`] for now.
-#[cfg(any(feature = "cube", feature = "cuda"))]
-const GPU_PENDING: &str = "the GPU FFT kernels land with issue #4";
+/// Why the CUDA backend answers [`FapeError::Unsupported`] for now.
+#[cfg(feature = "cuda")]
+const GPU_PENDING: &str = "the CUDA FFT kernels land with issue #4";
 
 /// The frequency split on `device`. `x`: `[B,C,H,W]` f32 (any `H`, `W` >= 1); returns `low`
 /// and `high` `[B,C,H,W]` and `band_energy` `[B,C,nbands]`, all f32. NaN in `x` propagates to
@@ -217,8 +217,8 @@ const GPU_PENDING: &str = "the GPU FFT kernels land with issue #4";
 ///
 /// # Errors
 /// [`FapeError::Shape`] naming `x` when it is empty or not rank 4; [`FapeError::Config`] as
-/// [`FreqSplitConfig::validate`]; [`FapeError::Unsupported`] on the GPU backends until their
-/// FFT kernels land.
+/// [`FreqSplitConfig::validate`]; [`FapeError::Unsupported`] on CUDA until its FFT kernels land
+/// (issue #4), and on Cube for extents past 32-bit indexing.
 pub fn freq_split(device: &Device, x: View<'_, f32>, config: &FreqSplitConfig) -> Result<FreqSplitOutput<f32>> {
     let dims = validate(&x, config)?;
     match device {

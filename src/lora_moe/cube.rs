@@ -3,8 +3,8 @@
 use cubecl::prelude::*;
 use cubecl::wgpu::WgpuRuntime;
 
-use super::config::{Band, LoraMoeConfig, LoraMoeDims, LoraMoeInputs, LoraMoeOutput};
-use super::gating::{energy_prior, gate_token};
+use super::config::{LoraMoeConfig, LoraMoeDims, LoraMoeInputs, LoraMoeOutput};
+use super::gating::gates_from_band_sums;
 use super::lowpass::{gaussian_taps, OP};
 use super::LowpassDims;
 use crate::backend::cube::{CubeDevice, GpuArray};
@@ -591,7 +591,7 @@ pub(crate) fn lora_moe(
     // 3. Gates on the host (f64), then u = scale * gate_e * band_e(s) on the device.
     let logits = d.read(&logits_dev)?;
     let partial = d.read(&partial_dev)?;
-    let priors: Vec<Vec<f64>> = partial
+    let band_sums: Vec<[f64; 3]> = partial
         .chunks(cubes * 3)
         .map(|image| {
             let mut sums = [0.0f64; 3];
@@ -600,38 +600,11 @@ pub(crate) fn lora_moe(
                     *sum += f64::from(v);
                 }
             }
-            let energies: Vec<f64> = config
-                .bands
-                .iter()
-                .map(|band| {
-                    let sum = match band {
-                        Band::Low => sums[0],
-                        Band::High => sums[1],
-                        Band::Full => sums[2],
-                    };
-                    sum / per_image as f64
-                })
-                .collect();
-            energy_prior(&energies)
+            sums
         })
         .collect();
-    let mut gates = Vec::with_capacity(rows * experts);
-    for (row, l) in logits.chunks(experts).enumerate() {
-        let mut g: Vec<f64> = l.iter().map(|&v| f64::from(v) / config.temperature).collect();
-        gate_token(&mut g, &priors[row / tokens], config.lambda, config.top_k);
-        gates.extend(g);
-    }
-    let scale = config.scale_for(rank);
-    let factor: Vec<f32> = gates.iter().map(|&g| (scale * g) as f32).collect();
-    let band_codes: Vec<u32> = config
-        .bands
-        .iter()
-        .map(|band| match band {
-            Band::Low => 0,
-            Band::High => 1,
-            Band::Full => 2,
-        })
-        .collect();
+    let (gates, factor) = gates_from_band_sums(&band_sums, per_image, &logits, tokens, config, rank);
+    let band_codes: Vec<u32> = config.bands.iter().map(|band| band.kernel_code()).collect();
     let factor_dev = d.upload(&factor)?;
     let bands_dev = d.upload(&band_codes)?;
     let u_dev = d.output::<f32>(rows * width)?;

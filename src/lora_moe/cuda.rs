@@ -342,8 +342,8 @@ pub(crate) fn lora_moe(
     inputs: &super::LoraMoeInputs<'_, f32>,
     config: &super::LoraMoeConfig,
 ) -> Result<super::LoraMoeOutput<f32>> {
-    use super::gating::{energy_prior, gate_token};
-    use super::{gaussian_taps, Band, LoraMoeOutput};
+    use super::gating::gates_from_band_sums;
+    use super::{gaussian_taps, LoraMoeOutput};
     use crate::tensor::Tensor;
 
     let dims = inputs.validate(config)?;
@@ -376,43 +376,9 @@ pub(crate) fn lora_moe(
     let logits = d.download("logits", &logits_dev)?;
 
     // 4. Gates on the host in f64, exactly as the CPU path.
-    let entries = (dims.tokens * dims.d) as f64;
-    let priors: Vec<Vec<f64>> = sums
-        .iter()
-        .map(|[low, high, full]| {
-            let energies: Vec<f64> = config
-                .bands
-                .iter()
-                .map(|band| match band {
-                    Band::Low => low / entries,
-                    Band::High => high / entries,
-                    Band::Full => full / entries,
-                })
-                .collect();
-            energy_prior(&energies)
-        })
-        .collect();
-    let gates: Vec<f64> = logits
-        .chunks(e_count)
-        .enumerate()
-        .flat_map(|(row, l)| {
-            let mut g: Vec<f64> = l.iter().map(|&v| v as f64 / config.temperature).collect();
-            gate_token(&mut g, &priors[row / dims.tokens], config.lambda, config.top_k);
-            g
-        })
-        .collect();
-    let scale = config.scale_for(rank);
-    let factor: Vec<f32> = gates.iter().map(|&g| (scale * g) as f32).collect();
+    let (gates, factor) = gates_from_band_sums(&sums, dims.tokens * dims.d, &logits, dims.tokens, config, rank);
     let factor_dev = d.upload("gate factors", &factor)?;
-    let codes: Vec<i32> = config
-        .bands
-        .iter()
-        .map(|band| match band {
-            Band::Low => 0,
-            Band::High => 1,
-            Band::Full => 2,
-        })
-        .collect();
+    let codes: Vec<i32> = config.bands.iter().map(|band| band.kernel_code() as i32).collect();
     let bands_dev = d.stream().clone_htod(&codes).map_err(dev_err("copying `bands` to the device"))?;
 
     // 5. u = scale * gate_e * band_e(s), the band taken along the tokens of each image.

@@ -40,7 +40,7 @@ mod reference_impl;
 ///
 /// # Errors
 /// Shape and config errors of [`LoraMoeInputs::validate`]; [`crate::FapeError::Unsupported`] on
-/// GPU backends until their kernels land (issue #3).
+/// GPU backends for extents past their 32-bit indexing or grid limits; device errors.
 pub fn lora_moe(
     device: &Device,
     inputs: &LoraMoeInputs<'_, f32>,
