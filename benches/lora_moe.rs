@@ -1,5 +1,5 @@
-//! LoRA-MoE and its token low-pass: the f64 reference, the CPU backend and (for the low-pass,
-//! the one kernel the GPU backends have so far) every GPU backend found, same shapes, one run.
+//! LoRA-MoE and its token low-pass: the f64 reference and every backend found (cpu, cube, cuda),
+//! same shapes, one run.
 //! Every host-API call returns host data, so each iteration includes the device sync.
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
@@ -41,9 +41,11 @@ fn bench_lora_moe(c: &mut Criterion) {
     group.bench_function(BenchmarkId::new("reference-f64", &label), |b| {
         b.iter(|| reference::lora_moe(&inputs, &config).expect("reference"))
     });
-    group.bench_function(BenchmarkId::new("cpu", &label), |b| {
-        b.iter(|| lora_moe(&Device::Cpu, &inputs, &config).expect("cpu"))
-    });
+    for device in devices() {
+        group.bench_function(BenchmarkId::new(device.kind().name(), &label), |b| {
+            b.iter(|| lora_moe(&device, &inputs, &config).expect("lora_moe"))
+        });
+    }
     group.finish();
 }
 

@@ -518,3 +518,27 @@ fn rope_tables_follow_the_flux_frequencies() {
         assert_error("rope_tables", attention::rope_tables(rows, d).unwrap_err(), Expect::Config(field));
     }
 }
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(64))]
+
+    /// RoPE keeps norms, read straight off the softmax: one query q at position 0, keys
+    /// [q (same position, so the same rotation R), 0] and values [e0, e1] give out = [p0, p1]
+    /// with ln(p0 / p1) = scale * |R q|^2, which must equal scale * |q|^2.
+    #[test]
+    fn rope_keeps_norms(seed in any::<u64>(), half in 1usize..9, angles in prop::collection::vec(-10.0f64..10.0, 8)) {
+        let d = 2 * half;
+        let mut g = rng(seed);
+        let q: Tensor<f64> = random(&mut g, &[1, 1, 1, d], -1.0, 1.0);
+        let k = tensor([q.data.clone(), vec![0.0; d]].concat(), &[1, 1, 2, d]);
+        let v = tensor((0..2 * d).map(|i| if i == 0 || i == d + 1 { 1.0 } else { 0.0 }).collect(), &[1, 1, 2, d]);
+        let row0: Vec<f64> = angles[..half].to_vec();
+        let table = |f: fn(f64) -> f64| tensor(row0.iter().chain(&row0).map(|&a| f(a)).collect(), &[2, half]);
+        let case = Owned { q: q.clone(), k, v, q_norm: None, k_norm: None, rope_cos: Some(table(f64::cos)), rope_sin: Some(table(f64::sin)) };
+        let scale = 0.1;
+        let out = reference::attention(&case.inputs(), &AttentionConfig { scale: Some(scale) }).unwrap();
+        let norm2: f64 = q.data.iter().map(|x| x * x).sum();
+        let rotated_norm2 = (out.data[0] / out.data[1]).ln() / scale;
+        prop_assert!((rotated_norm2 - norm2).abs() <= 1e-10 * norm2.max(1.0), "|Rq|^2 {} vs |q|^2 {}", rotated_norm2, norm2);
+    }
+}
