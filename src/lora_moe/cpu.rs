@@ -67,9 +67,13 @@ fn filter_shrunk(s: &mut [f32], dims: &LoraMoeDims, bands: &[Band], h: &[f64]) {
     });
 }
 
-/// The LoRA-MoE layer in f32 on the CPU. Shapes as [`super::reference::lora_moe`].
-pub(crate) fn lora_moe(inputs: &LoraMoeInputs<'_, f32>, config: &LoraMoeConfig) -> Result<LoraMoeOutput<f32>> {
-    let dims = inputs.validate(config)?;
+/// The LoRA-MoE layer in f32 on the CPU, `dims` from [`LoraMoeInputs::validate`]. Shapes as
+/// [`super::reference::lora_moe`].
+pub(crate) fn lora_moe(
+    inputs: &LoraMoeInputs<'_, f32>,
+    dims: LoraMoeDims,
+    config: &LoraMoeConfig,
+) -> Result<LoraMoeOutput<f32>> {
     let h = gaussian_taps(config.taps, config.sigma)?;
     let (rows, width) = (dims.batch * dims.tokens, dims.experts * dims.rank);
     let x = inputs.x.data();

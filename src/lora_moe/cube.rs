@@ -518,15 +518,15 @@ fn unsupported(what: String) -> FapeError {
 /// and `y` as NaN without a panic.
 ///
 /// # Errors
-/// The shape and config errors of [`LoraMoeInputs::validate`]; [`FapeError::Unsupported`] when
+/// (`dims` come from [`LoraMoeInputs::validate`], run by the caller.) [`FapeError::Unsupported`] when
 /// an extent does not fit the kernels' 32-bit indexing or grid; [`FapeError::Device`] on
 /// upload, launch or read-back failures.
 pub(crate) fn lora_moe(
     d: &CubeDevice,
     inputs: &LoraMoeInputs<'_, f32>,
+    dims: LoraMoeDims,
     config: &LoraMoeConfig,
 ) -> Result<LoraMoeOutput<f32>> {
-    let dims = inputs.validate(config)?;
     let LoraMoeDims { batch, tokens, d: features, n, experts, rank, dg } = dims;
     let h = gaussian_taps(config.taps, config.sigma)?;
     let taps = h.len();

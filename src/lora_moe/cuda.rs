@@ -334,19 +334,19 @@ fn band_scale(
 /// requirement on d, n, r or E).
 ///
 /// # Errors
-/// Shape and config errors of [`super::LoraMoeInputs::validate`]; [`FapeError::Unsupported`]
+/// (`dims` come from [`super::LoraMoeInputs::validate`], run by the caller.) [`FapeError::Unsupported`]
 /// when an extent exceeds the kernels' 32-bit indexing or the CUDA grid limits;
 /// [`FapeError::Nvrtc`] / [`FapeError::Device`] from compilation, transfers and launches.
 pub(crate) fn lora_moe(
     d: &CudaDevice,
     inputs: &super::LoraMoeInputs<'_, f32>,
+    dims: super::LoraMoeDims,
     config: &super::LoraMoeConfig,
 ) -> Result<super::LoraMoeOutput<f32>> {
     use super::gating::gates_from_band_sums;
     use super::{gaussian_taps, LoraMoeOutput};
     use crate::tensor::Tensor;
 
-    let dims = inputs.validate(config)?;
     let h = gaussian_taps(config.taps, config.sigma)?;
     let (rows, width) = (dims.batch * dims.tokens, dims.experts * dims.rank);
     let (n, e_count, rank) = (dims.n, dims.experts, dims.rank);

@@ -2,6 +2,7 @@
 //! Gates are tiny (`[B,T,E]`), so every path computes them on the host in f64 with these
 //! functions (the GPU paths from the band sums and logits their kernels read back).
 
+#[cfg(any(feature = "cube", feature = "cuda"))]
 use super::config::{Band, LoraMoeConfig};
 
 /// `prior_e = energy_e / (sum_e energy_e + 1e-12)`.
@@ -38,6 +39,7 @@ pub(crate) fn gate_token(logits: &mut [f64], prior: &[f64], lambda: f64, top_k: 
     }
 }
 
+#[cfg(any(feature = "cube", feature = "cuda"))]
 impl Band {
     /// The band's code in the GPU kernels: low 0, high 1, full 2.
     pub(crate) fn kernel_code(self) -> u32 {
@@ -53,6 +55,7 @@ impl Band {
 /// image b's `entries` values of x; `logits` `[B*T, E]` are the router outputs before the
 /// temperature. Returns the gates `[B*T, E]` (f64) and `scale * gate` (f32), the factor each
 /// expert's band of the shrunk activations is multiplied by.
+#[cfg(any(feature = "cube", feature = "cuda"))]
 pub(crate) fn gates_from_band_sums(
     band_sums: &[[f64; 3]],
     entries: usize,

@@ -46,14 +46,14 @@ pub fn lora_moe(
     inputs: &LoraMoeInputs<'_, f32>,
     config: &LoraMoeConfig,
 ) -> Result<LoraMoeOutput<f32>> {
-    inputs.validate(config)?;
+    let dims = inputs.validate(config)?;
     match device {
         Device::Reference => reference::lora_moe(inputs, config)
             .map(|o| LoraMoeOutput { y: o.y.map(|&v| v as f32), gates: o.gates.map(|&v| v as f32) }),
-        Device::Cpu => cpu::lora_moe(inputs, config),
+        Device::Cpu => cpu::lora_moe(inputs, dims, config),
         #[cfg(feature = "cube")]
-        Device::Cube(d) => cube::lora_moe(d, inputs, config),
+        Device::Cube(d) => cube::lora_moe(d, inputs, dims, config),
         #[cfg(feature = "cuda")]
-        Device::Cuda(d) => cuda::lora_moe(d, inputs, config),
+        Device::Cuda(d) => cuda::lora_moe(d, inputs, dims, config),
     }
 }
