@@ -12,6 +12,9 @@ pub enum FapeError {
     /// A host buffer does not hold exactly the elements its shape claims.
     #[error("{op}: tensor `{tensor}` has {len} elements but shape {shape:?} needs {needed}")]
     Layout { op: &'static str, tensor: &'static str, len: usize, shape: Vec<usize>, needed: usize },
+    /// A tensor handed over by a framework is strided where the op needs contiguous elements.
+    #[error("{op}: tensor `{tensor}` of shape {shape:?} is not contiguous")]
+    NotContiguous { op: &'static str, tensor: &'static str, shape: Vec<usize> },
     /// A config field is out of its domain.
     #[error("{op}: config `{field}` {message}")]
     Config { op: &'static str, field: &'static str, message: String },

@@ -8,6 +8,8 @@
 
 pub mod attention;
 pub mod backend;
+pub mod bench;
+pub mod candle_ops;
 pub mod check;
 pub mod error;
 pub mod freq;

@@ -4,6 +4,7 @@
 //! Exit codes: 0 success, 1 a check failed, 2 bad input or an unavailable backend (one line on
 //! stderr naming the tensor, flag or file at fault).
 
+mod bench;
 mod check;
 mod op;
 
@@ -29,6 +30,8 @@ enum Command {
     Devices,
     /// Run every op on every available backend against the f64 reference.
     Check(check::CheckArgs),
+    /// Time an op (or the whole pipeline) beside its baseline from the same run.
+    Bench(bench::BenchArgs),
 }
 
 fn main() -> ExitCode {
@@ -52,6 +55,7 @@ fn main() -> ExitCode {
             Ok(ExitCode::SUCCESS)
         }
         Command::Check(args) => check::run(args),
+        Command::Bench(args) => bench::run(args),
     };
     result.unwrap_or_else(|err| {
         let message = err.to_string();

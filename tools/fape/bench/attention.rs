@@ -1,0 +1,16 @@
+//! `fape bench attention` (issue #5).
+
+use clap::Args as ClapArgs;
+use fape_kernels::{FapeError, Result};
+
+/// Arguments of this benchmark.
+#[derive(ClapArgs)]
+pub struct Args {}
+
+/// Runs the benchmark and prints its table.
+///
+/// # Errors
+/// Always, until issue #5 lands it.
+pub fn run(_args: Args) -> Result<()> {
+    Err(FapeError::Unsupported { op: "bench", backend: "any", what: "not written yet (issue #5)".into() })
+}
