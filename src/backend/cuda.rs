@@ -57,7 +57,11 @@ fn libcuda() -> std::result::Result<(), String> {
     // SAFETY: `is_culib_present` only tries `dlopen` on cudarc's fixed list of library names
     // and closes what it opened; it calls nothing in the library, so it is sound to call
     // whether or not libcuda exists. It is the check that makes later cudarc calls panic-free.
+    #[cfg(feature = "cuda-dynamic-loading")]
     let present = *PRESENT.get_or_init(|| unsafe { cu::is_culib_present() });
+    // Linked at build time (`candle-cuda`): the process would not have started without it.
+    #[cfg(not(feature = "cuda-dynamic-loading"))]
+    let present = *PRESENT.get_or_init(|| true);
     if present {
         Ok(())
     } else {
@@ -69,7 +73,10 @@ fn libcuda() -> std::result::Result<(), String> {
 fn libnvrtc() -> std::result::Result<(), String> {
     static PRESENT: OnceLock<bool> = OnceLock::new();
     // SAFETY: as in `libcuda`: only `dlopen`/`dlclose` of cudarc's candidate names.
+    #[cfg(feature = "cuda-dynamic-loading")]
     let present = *PRESENT.get_or_init(|| unsafe { nvrtc::sys::is_culib_present() });
+    #[cfg(not(feature = "cuda-dynamic-loading"))]
+    let present = *PRESENT.get_or_init(|| true);
     if present {
         Ok(())
     } else {
@@ -82,11 +89,18 @@ fn libnvrtc() -> std::result::Result<(), String> {
 }
 
 /// The library file names cudarc tries for `lib`, for error messages.
+#[cfg(feature = "cuda-dynamic-loading")]
 fn candidates(lib: &str) -> String {
     let mut names = cudarc::get_lib_name_candidates(lib);
     let mut seen = std::collections::HashSet::new();
     names.retain(|n| seen.insert(n.clone()));
     names.join(", ")
+}
+
+/// Linked at build time (`candle-cuda`): there is no search list.
+#[cfg(not(feature = "cuda-dynamic-loading"))]
+fn candidates(lib: &str) -> String {
+    format!("lib{lib} (linked at build time)")
 }
 
 fn unavailable(reason: impl Into<String>) -> FapeError {
