@@ -1,0 +1,4 @@
+//! The whole FAPE-IR restoration pipeline on candle: the FLUX autoencoder ([`vae`]) and the
+//! orchestration that runs planner, VAE and transformer on one image.
+
+pub mod vae;

@@ -1,0 +1,406 @@
+//! FLUX's autoencoder on seeded random weights: the diffusers layout (names, shapes, parameter
+//! count), shapes on awkward sizes, each block against a direct f64 computation, the latent
+//! normalisation, bf16 against f32, and errors that name a missing or mis-shaped tensor.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use candle_core::{DType, Device, Module, Shape, Tensor};
+use candle_nn::var_builder::SimpleBackend;
+use candle_nn::{Init, VarBuilder};
+use fape_kernels::pipeline::vae::blocks::{AttentionBlock, Downsample, ResnetBlock, Upsample};
+use fape_kernels::pipeline::vae::{Vae, VaeConfig, NORM_EPS};
+use fape_kernels::testing::{assert_close, rng, uniform};
+
+/// f32 blocks against the f64 computation (rel-L2).
+const TOLERANCE_F32: f64 = 1e-5;
+/// A whole bf16 encode/decode against f32 (rel-L2): bf16 keeps 8 bits of mantissa.
+#[cfg(feature = "candle-cuda")]
+const TOLERANCE_BF16: f64 = 5e-2;
+
+/// Seeded random weights, each tensor drawn from a generator seeded by the seed and its name:
+/// GroupNorm scales near 1 and shifts near 0 (never exactly), Kaiming-uniform weights, uniform
+/// biases. Records every tensor it hands out.
+#[derive(Clone)]
+struct SeededWeights {
+    seed: u64,
+    made: Arc<Mutex<HashMap<String, Tensor>>>,
+}
+
+impl SeededWeights {
+    fn new(seed: u64) -> Self {
+        Self { seed, made: Arc::default() }
+    }
+
+    fn var_builder(&self, dtype: DType) -> VarBuilder<'static> {
+        VarBuilder::from_backend(Box::new(self.clone()), dtype, Device::Cpu)
+    }
+
+    fn tensors(&self) -> HashMap<String, Tensor> {
+        self.made.lock().unwrap().clone()
+    }
+
+    fn get_f64(&self, name: &str) -> Vec<f64> {
+        to_f64(&self.made.lock().unwrap()[name])
+    }
+}
+
+fn name_hash(name: &str) -> u64 {
+    name.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3))
+}
+
+impl SimpleBackend for SeededWeights {
+    fn get(&self, s: Shape, name: &str, h: Init, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
+        let mut g = rng(self.seed ^ name_hash(name));
+        let n = s.elem_count();
+        let values = match h {
+            Init::Const(c) => uniform(&mut g, n, -0.2, 0.2).into_iter().map(|v| v + c as f32).collect(),
+            Init::Uniform { lo, up } => uniform(&mut g, n, lo as f32, up as f32),
+            Init::Kaiming { .. } | Init::Randn { .. } => {
+                let fan_in: usize = s.dims()[1..].iter().product();
+                let bound = (6.0 / fan_in as f32).sqrt();
+                uniform(&mut g, n, -bound, bound)
+            }
+        };
+        let t = Tensor::from_vec(values, s, dev)?.to_dtype(dtype)?;
+        self.made.lock().unwrap().insert(name.to_string(), t.clone());
+        Ok(t)
+    }
+
+    fn get_unchecked(&self, name: &str, _: DType, _: &Device) -> candle_core::Result<Tensor> {
+        candle_core::bail!("seeded weights need a shape for `{name}`")
+    }
+
+    fn contains_tensor(&self, _: &str) -> bool {
+        true
+    }
+}
+
+/// Records the names and shapes a model asks for, handing out zeros: a census of the layout,
+/// never run.
+#[derive(Clone, Default)]
+struct Census(Arc<Mutex<HashMap<String, Vec<usize>>>>);
+
+impl SimpleBackend for Census {
+    fn get(&self, s: Shape, name: &str, _: Init, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
+        self.0.lock().unwrap().insert(name.to_string(), s.dims().to_vec());
+        Tensor::zeros(s, dtype, dev)
+    }
+
+    fn get_unchecked(&self, name: &str, _: DType, _: &Device) -> candle_core::Result<Tensor> {
+        candle_core::bail!("census needs a shape for `{name}`")
+    }
+
+    fn contains_tensor(&self, _: &str) -> bool {
+        true
+    }
+}
+
+fn to_f64(t: &Tensor) -> Vec<f64> {
+    t.to_device(&Device::Cpu).unwrap().to_dtype(DType::F64).unwrap().flatten_all().unwrap().to_vec1::<f64>().unwrap()
+}
+
+fn random_tensor(seed: u64, shape: &[usize], lo: f32, hi: f32) -> Tensor {
+    let n = shape.iter().product();
+    Tensor::from_vec(uniform(&mut rng(seed), n, lo, hi), shape, &Device::Cpu).unwrap()
+}
+
+/// A dense f64 `[C, H, W]` image with the operations of the blocks, for the direct computations.
+#[derive(Clone)]
+struct Planes {
+    c: usize,
+    h: usize,
+    w: usize,
+    v: Vec<f64>,
+}
+
+impl Planes {
+    fn at(&self, c: usize, y: isize, x: isize) -> f64 {
+        if y < 0 || x < 0 || y >= self.h as isize || x >= self.w as isize {
+            0.0
+        } else {
+            self.v[(c * self.h + y as usize) * self.w + x as usize]
+        }
+    }
+
+    /// Convolution with a `[cout, C, k, k]` weight, zero padding `pad_before` at the top/left and
+    /// `pad_after` at the bottom/right, and `stride`.
+    fn conv(&self, weight: &[f64], bias: &[f64], k: usize, stride: usize, pad_before: usize, pad_after: usize) -> Self {
+        let cout = bias.len();
+        let oh = (self.h + pad_before + pad_after - k) / stride + 1;
+        let ow = (self.w + pad_before + pad_after - k) / stride + 1;
+        let mut v = vec![0.0; cout * oh * ow];
+        for o in 0..cout {
+            for y in 0..oh {
+                for x in 0..ow {
+                    let mut acc = bias[o];
+                    for c in 0..self.c {
+                        for ky in 0..k {
+                            for kx in 0..k {
+                                let sy = (y * stride + ky) as isize - pad_before as isize;
+                                let sx = (x * stride + kx) as isize - pad_before as isize;
+                                acc += weight[((o * self.c + c) * k + ky) * k + kx] * self.at(c, sy, sx);
+                            }
+                        }
+                    }
+                    v[(o * oh + y) * ow + x] = acc;
+                }
+            }
+        }
+        Self { c: cout, h: oh, w: ow, v }
+    }
+
+    fn group_norm(&self, groups: usize, scale: &[f64], shift: &[f64]) -> Self {
+        let per = self.c / groups * self.h * self.w;
+        let mut v = self.v.clone();
+        for g in 0..groups {
+            let chunk = &mut v[g * per..(g + 1) * per];
+            let mean = chunk.iter().sum::<f64>() / per as f64;
+            let var = chunk.iter().map(|x| (x - mean) * (x - mean)).sum::<f64>() / per as f64;
+            for (i, x) in chunk.iter_mut().enumerate() {
+                let c = g * (self.c / groups) + i / (self.h * self.w);
+                *x = (*x - mean) / (var + NORM_EPS).sqrt() * scale[c] + shift[c];
+            }
+        }
+        Self { v, ..self.clone() }
+    }
+
+    fn silu(&self) -> Self {
+        Self { v: self.v.iter().map(|x| x / (1.0 + (-x).exp())).collect(), ..self.clone() }
+    }
+
+    fn add(&self, other: &Self) -> Self {
+        Self { v: self.v.iter().zip(&other.v).map(|(a, b)| a + b).collect(), ..self.clone() }
+    }
+}
+
+/// Splits a `[B, C, H, W]` tensor into per-image f64 planes.
+fn planes(t: &Tensor) -> Vec<Planes> {
+    let (b, c, h, w) = t.dims4().unwrap();
+    let all = to_f64(t);
+    (0..b).map(|i| Planes { c, h, w, v: all[i * c * h * w..(i + 1) * c * h * w].to_vec() }).collect()
+}
+
+fn concat(images: &[Planes]) -> Vec<f64> {
+    images.iter().flat_map(|p| p.v.iter().copied()).collect()
+}
+
+#[test]
+fn resnet_block_with_shortcut_matches_f64() {
+    let weights = SeededWeights::new(11);
+    let block = ResnetBlock::load(4, 8, 2, weights.var_builder(DType::F32).pp("r")).unwrap();
+    let x = random_tensor(1, &[2, 4, 5, 7], -2.0, 2.0);
+    let got = to_f64(&block.forward(&x).unwrap());
+    let w = |n: &str| weights.get_f64(&format!("r.{n}"));
+    let expected: Vec<Planes> = planes(&x)
+        .iter()
+        .map(|p| {
+            let h = p.group_norm(2, &w("norm1.weight"), &w("norm1.bias")).silu();
+            let h = h.conv(&w("conv1.weight"), &w("conv1.bias"), 3, 1, 1, 1);
+            let h = h.group_norm(2, &w("norm2.weight"), &w("norm2.bias")).silu();
+            let h = h.conv(&w("conv2.weight"), &w("conv2.bias"), 3, 1, 1, 1);
+            p.conv(&w("conv_shortcut.weight"), &w("conv_shortcut.bias"), 1, 1, 0, 0).add(&h)
+        })
+        .collect();
+    assert_close("resnet block", &got, &concat(&expected), TOLERANCE_F32);
+}
+
+#[test]
+fn attention_block_matches_f64() {
+    let (c, groups) = (8, 4);
+    let weights = SeededWeights::new(12);
+    let block = AttentionBlock::load(c, groups, weights.var_builder(DType::F32).pp("a")).unwrap();
+    let x = random_tensor(2, &[2, c, 3, 5], -2.0, 2.0);
+    let got = to_f64(&block.forward(&x).unwrap());
+    let w = |n: &str| weights.get_f64(&format!("a.{n}"));
+    let (wq, wk, wv, wo) = (w("to_q.weight"), w("to_k.weight"), w("to_v.weight"), w("to_out.0.weight"));
+    let (bq, bk, bv, bo) = (w("to_q.bias"), w("to_k.bias"), w("to_v.bias"), w("to_out.0.bias"));
+    let mut expected = Vec::new();
+    for p in planes(&x) {
+        let n = p.group_norm(groups, &w("group_norm.weight"), &w("group_norm.bias"));
+        let t = p.h * p.w;
+        // token i, channel j of the normed input is n.v[j * t + i]
+        let project = |wm: &[f64], bias: &[f64], src: &dyn Fn(usize, usize) -> f64| -> Vec<Vec<f64>> {
+            (0..t)
+                .map(|i| (0..c).map(|o| bias[o] + (0..c).map(|j| wm[o * c + j] * src(i, j)).sum::<f64>()).collect())
+                .collect()
+        };
+        let normed = |i: usize, j: usize| n.v[j * t + i];
+        let (q, k, v) = (project(&wq, &bq, &normed), project(&wk, &bk, &normed), project(&wv, &bv, &normed));
+        let mut attended = vec![vec![0.0; c]; t];
+        for i in 0..t {
+            let scores: Vec<f64> =
+                (0..t).map(|m| (0..c).map(|j| q[i][j] * k[m][j]).sum::<f64>() / (c as f64).sqrt()).collect();
+            let top = scores.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+            let e: Vec<f64> = scores.iter().map(|s| (s - top).exp()).collect();
+            let sum: f64 = e.iter().sum();
+            for (m, em) in e.iter().enumerate() {
+                for j in 0..c {
+                    attended[i][j] += em / sum * v[m][j];
+                }
+            }
+        }
+        let out = project(&wo, &bo, &|i, j| attended[i][j]);
+        expected.extend((0..c).flat_map(|j| (0..t).map(move |i| (j, i))).map(|(j, i)| out[i][j] + p.v[j * t + i]));
+    }
+    assert_close("attention block", &got, &expected, TOLERANCE_F32);
+}
+
+#[test]
+fn downsample_pads_bottom_right_and_halves() {
+    let weights = SeededWeights::new(13);
+    let block = Downsample::load(3, weights.var_builder(DType::F32).pp("d")).unwrap();
+    let x = random_tensor(3, &[1, 3, 6, 10], -1.0, 1.0);
+    let y = block.forward(&x).unwrap();
+    assert_eq!(y.dims(), &[1, 3, 3, 5]);
+    let expected = planes(&x)[0].conv(&weights.get_f64("d.conv.weight"), &weights.get_f64("d.conv.bias"), 3, 2, 0, 1);
+    assert_close("downsample", &to_f64(&y), &expected.v, TOLERANCE_F32);
+}
+
+#[test]
+fn upsample_is_nearest_then_conv() {
+    let weights = SeededWeights::new(14);
+    let block = Upsample::load(2, weights.var_builder(DType::F32).pp("u")).unwrap();
+    let x = random_tensor(4, &[1, 2, 3, 4], -1.0, 1.0);
+    let y = block.forward(&x).unwrap();
+    assert_eq!(y.dims(), &[1, 2, 6, 8]);
+    let p = &planes(&x)[0];
+    let doubled = Planes {
+        c: 2,
+        h: 6,
+        w: 8,
+        v: (0..2 * 6 * 8).map(|i| p.at(i / 48, ((i / 8) % 6 / 2) as isize, (i % 8 / 2) as isize)).collect(),
+    };
+    let expected = doubled.conv(&weights.get_f64("u.conv.weight"), &weights.get_f64("u.conv.bias"), 3, 1, 1, 1);
+    assert_close("upsample", &to_f64(&y), &expected.v, TOLERANCE_F32);
+}
+
+#[test]
+fn encode_decode_shapes_on_sizes_off_the_64_grid() {
+    let vae = Vae::load(SeededWeights::new(21).var_builder(DType::F32), &VaeConfig::tiny()).unwrap();
+    let image = random_tensor(5, &[2, 3, 40, 56], -1.0, 1.0);
+    let latent = vae.encode(&image).unwrap();
+    assert_eq!(latent.dims(), &[2, 16, 5, 7]);
+    let values = to_f64(&latent);
+    assert!(values.iter().all(|v| v.is_finite()), "latent not finite");
+    let spread =
+        values.iter().cloned().fold(f64::NEG_INFINITY, f64::max) - values.iter().cloned().fold(f64::INFINITY, f64::min);
+    assert!(spread > 1e-3, "latent is constant: spread {spread}");
+    let decoded = vae.decode(&latent).unwrap();
+    assert_eq!(decoded.dims(), &[2, 3, 40, 56]);
+    let out = to_f64(&decoded);
+    assert!(out.iter().all(|v| (-1.0..=1.0).contains(v)), "decoded image leaves [-1, 1]");
+    assert!(out.iter().any(|v| v.abs() < 1.0), "decoded image is clamped everywhere");
+}
+
+#[test]
+fn latent_normalisation_is_shift_then_scale_and_decode_inverts_it() {
+    let weights = SeededWeights::new(22);
+    let flux = VaeConfig::tiny();
+    let plain = VaeConfig { scaling_factor: 1.0, shift_factor: 0.0, ..flux.clone() };
+    let vae_flux = Vae::load(weights.var_builder(DType::F32), &flux).unwrap();
+    let vae_plain = Vae::load(weights.var_builder(DType::F32), &plain).unwrap();
+    let image = random_tensor(6, &[1, 3, 16, 24], -1.0, 1.0);
+    let mean = to_f64(&vae_plain.encode(&image).unwrap());
+    let expected: Vec<f64> = mean.iter().map(|m| (m - 0.1159) * 0.3611).collect();
+    let latent = vae_flux.encode(&image).unwrap();
+    assert_close("normalised latent", &to_f64(&latent), &expected, TOLERANCE_F32);
+    let via_flux = to_f64(&vae_flux.decode(&latent).unwrap());
+    let raw =
+        Tensor::from_vec(mean.iter().map(|&m| m as f32).collect::<Vec<_>>(), latent.dims(), &Device::Cpu).unwrap();
+    let via_plain = to_f64(&vae_plain.decode(&raw).unwrap());
+    assert_close("decode of the normalised latent", &via_flux, &via_plain, TOLERANCE_F32);
+}
+
+/// bf16 runs on candle's CUDA backend only (candle's CPU matmul has no bf16): compared with f32
+/// on the CPU. Skips without a CUDA device unless `FAPE_TEST_CUDA=1`.
+#[cfg(feature = "candle-cuda")]
+#[test]
+fn bf16_encode_decode_on_cuda_follows_f32_on_cpu() {
+    let cuda = match Device::new_cuda(0) {
+        Ok(d) => d,
+        Err(err) => {
+            let strict = std::env::var(fape_kernels::testing::TEST_CUDA_ENV).is_ok_and(|v| !v.is_empty() && v != "0");
+            assert!(!strict, "no CUDA device for candle: {err}");
+            eprintln!("SKIP bf16_encode_decode_on_cuda_follows_f32_on_cpu: {err}");
+            return;
+        }
+    };
+    let weights = SeededWeights::new(23);
+    let cfg = VaeConfig::tiny();
+    let image = random_tensor(7, &[1, 3, 24, 16], -1.0, 1.0);
+    let run = |dtype: DType, device: &Device| {
+        let vb = VarBuilder::from_backend(Box::new(weights.clone()), dtype, device.clone());
+        let vae = Vae::load(vb, &cfg).unwrap();
+        let latent = vae.encode(&image.to_device(device).unwrap().to_dtype(dtype).unwrap()).unwrap();
+        assert_eq!(latent.dtype(), dtype);
+        (to_f64(&latent), to_f64(&vae.decode(&latent).unwrap()))
+    };
+    let (latent32, image32) = run(DType::F32, &Device::Cpu);
+    let (latent16, image16) = run(DType::BF16, &cuda);
+    assert_close("bf16 latent", &latent16, &latent32, TOLERANCE_BF16);
+    assert_close("bf16 decoded image", &image16, &image32, TOLERANCE_BF16);
+}
+
+#[test]
+fn flux_dev_layout_has_diffusers_names_and_83_8m_parameters() {
+    let census = Census::default();
+    let vb = VarBuilder::from_backend(Box::new(census.clone()), DType::F32, Device::Cpu);
+    Vae::load(vb, &VaeConfig::flux_dev()).unwrap();
+    let shapes = census.0.lock().unwrap().clone();
+    let params: usize = shapes.values().map(|s| s.iter().product::<usize>()).sum();
+    assert_eq!(params, 83_819_683, "FLUX.1 autoencoder parameter count");
+    for (name, shape) in [
+        ("encoder.conv_in.weight", vec![128, 3, 3, 3]),
+        ("encoder.down_blocks.1.resnets.0.conv_shortcut.weight", vec![256, 128, 1, 1]),
+        ("encoder.down_blocks.2.downsamplers.0.conv.weight", vec![512, 512, 3, 3]),
+        ("encoder.mid_block.attentions.0.to_out.0.weight", vec![512, 512]),
+        ("encoder.mid_block.attentions.0.group_norm.bias", vec![512]),
+        ("encoder.conv_out.weight", vec![32, 512, 3, 3]),
+        ("decoder.conv_in.weight", vec![512, 16, 3, 3]),
+        ("decoder.up_blocks.2.resnets.0.conv_shortcut.weight", vec![256, 512, 1, 1]),
+        ("decoder.up_blocks.3.resnets.2.conv2.weight", vec![128, 128, 3, 3]),
+        ("decoder.up_blocks.2.upsamplers.0.conv.bias", vec![256]),
+        ("decoder.conv_norm_out.weight", vec![128]),
+        ("decoder.conv_out.weight", vec![3, 128, 3, 3]),
+    ] {
+        assert_eq!(shapes.get(name), Some(&shape), "{name}");
+    }
+    assert!(!shapes.contains_key("encoder.down_blocks.3.downsamplers.0.conv.weight"));
+    assert!(!shapes.contains_key("decoder.up_blocks.3.upsamplers.0.conv.weight"));
+    assert!(!shapes.keys().any(|k| k.contains("quant_conv")));
+}
+
+#[test]
+fn missing_or_misshaped_tensor_error_names_it() {
+    let weights = SeededWeights::new(24);
+    Vae::load(weights.var_builder(DType::F32), &VaeConfig::tiny()).unwrap();
+    let all = weights.tensors();
+    let missing = "decoder.up_blocks.1.upsamplers.0.conv.weight";
+    let mut without = all.clone();
+    assert!(without.remove(missing).is_some());
+    let err = Vae::load(VarBuilder::from_tensors(without, DType::F32, &Device::Cpu), &VaeConfig::tiny()).unwrap_err();
+    assert!(err.to_string().contains(missing), "error `{err}` does not name `{missing}`");
+
+    let misshaped = "encoder.mid_block.attentions.0.to_k.weight";
+    let mut wrong = all;
+    wrong.insert(misshaped.into(), random_tensor(8, &[64, 32], -1.0, 1.0));
+    let err = Vae::load(VarBuilder::from_tensors(wrong, DType::F32, &Device::Cpu), &VaeConfig::tiny()).unwrap_err();
+    assert!(err.to_string().contains(misshaped), "error `{err}` does not name `{misshaped}`");
+}
+
+#[test]
+fn bad_configs_and_inputs_are_errors() {
+    let bad_groups = VaeConfig { norm_groups: 12, ..VaeConfig::tiny() };
+    let err = Vae::load(SeededWeights::new(25).var_builder(DType::F32), &bad_groups).unwrap_err();
+    assert!(err.to_string().contains("norm_groups"), "{err}");
+    assert!(VaeConfig::preset("flux-schnell-xl").unwrap_err().to_string().contains("preset"));
+
+    let vae = Vae::load(SeededWeights::new(26).var_builder(DType::F32), &VaeConfig::tiny()).unwrap();
+    let err = vae.encode(&random_tensor(9, &[1, 3, 20, 16], -1.0, 1.0)).unwrap_err();
+    assert!(err.to_string().contains("image") && err.to_string().contains("[1, 3, 20, 16]"), "{err}");
+    let err = vae.encode(&random_tensor(9, &[1, 4, 16, 16], -1.0, 1.0)).unwrap_err();
+    assert!(err.to_string().contains("[1, 4, 16, 16]"), "{err}");
+    let err = vae.decode(&random_tensor(9, &[1, 8, 2, 2], -1.0, 1.0)).unwrap_err();
+    assert!(err.to_string().contains("latent"), "{err}");
+}
