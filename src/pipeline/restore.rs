@@ -123,15 +123,16 @@ impl Pipeline {
         }
         let vae_config = VaeConfig::preset(preset)?;
         let flux_config = FluxConfig::preset(preset)?;
-        let (vae_vb, transformer_vb): (VarBuilder<'static>, VarBuilder<'static>) = match &weights {
-            WeightsSource::Dir(dir) => {
-                (dir_var_builder(dir, "vae", dtype, &device)?, dir_var_builder(dir, "transformer", dtype, &device)?)
-            }
-            WeightsSource::Synthetic(seed) => {
-                (synthetic_var_builder(*seed, dtype, &device), synthetic_var_builder(*seed, dtype, &device))
+        // The VAE loads completely before the transformer's folder is read, so that an error
+        // names the first missing tensor in pipeline order.
+        let var_builder = |subfolder: &str| -> Result<VarBuilder<'static>> {
+            match &weights {
+                WeightsSource::Dir(dir) => dir_var_builder(dir, subfolder, dtype, &device),
+                WeightsSource::Synthetic(seed) => Ok(synthetic_var_builder(*seed, dtype, &device)),
             }
         };
-        let vae = Vae::load(vae_vb, &vae_config).map_err(|e| weights_error(&weights, "vae", e))?;
+        let vae = Vae::load(var_builder("vae")?, &vae_config).map_err(|e| weights_error(&weights, "vae", e))?;
+        let transformer_vb = var_builder("transformer")?;
         let transformer = FluxTransformer::load(transformer_vb.clone(), &flux_config)
             .map_err(|e| weights_error(&weights, "transformer", e))?;
         let plan_encoder =

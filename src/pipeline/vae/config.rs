@@ -49,7 +49,7 @@ impl VaeConfig {
     /// The same architecture and latent space (16 channels, 8x down, same normalisation) with
     /// narrow levels and one resnet per encoder level: for tests and CPU runs.
     pub fn tiny() -> Self {
-        Self { block_out_channels: vec![32, 64, 64, 64], layers_per_block: 1, norm_groups: 8, ..Self::flux_dev() }
+        Self { block_out_channels: vec![16, 32, 32, 32], layers_per_block: 1, norm_groups: 8, ..Self::flux_dev() }
     }
 
     /// The preset called `name` (one of [`VaeConfig::PRESETS`]).
