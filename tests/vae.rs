@@ -1,5 +1,6 @@
 //! FLUX's autoencoder on seeded random weights: the diffusers layout (names, shapes, parameter
-//! count), shapes on awkward sizes, each block against a direct f64 computation, the latent
+//! count), shapes on awkward sizes, each block and the whole encoder and decoder against a direct
+//! f64 computation, the latent
 //! normalisation, bf16 against f32, and errors that name a missing or mis-shaped tensor.
 
 use std::collections::HashMap;
@@ -41,6 +42,9 @@ impl SimpleBackend for Census {
     }
 }
 
+/// Looks a tensor up by its full name, as f64 values.
+type Weights<'a> = &'a dyn Fn(&str) -> Vec<f64>;
+
 /// A dense f64 `[C, H, W]` image with the operations of the blocks, for the direct computations.
 #[derive(Clone)]
 struct Planes {
@@ -59,10 +63,12 @@ impl Planes {
         }
     }
 
-    /// Convolution with a `[cout, C, k, k]` weight, zero padding `pad_before` at the top/left and
-    /// `pad_after` at the bottom/right, and `stride`.
-    fn conv(&self, weight: &[f64], bias: &[f64], k: usize, stride: usize, pad_before: usize, pad_after: usize) -> Self {
+    /// Convolution by `name.weight` `[cout, C, k, k]` and `name.bias`, zero padding `pad_before`
+    /// at the top/left and `pad_after` at the bottom/right, and `stride`.
+    fn conv(&self, w: Weights, name: &str, stride: usize, pad_before: usize, pad_after: usize) -> Self {
+        let (weight, bias) = (w(&format!("{name}.weight")), w(&format!("{name}.bias")));
         let cout = bias.len();
+        let k = ((weight.len() / (cout * self.c)) as f64).sqrt().round() as usize;
         let oh = (self.h + pad_before + pad_after - k) / stride + 1;
         let ow = (self.w + pad_before + pad_after - k) / stride + 1;
         let mut v = vec![0.0; cout * oh * ow];
@@ -86,7 +92,14 @@ impl Planes {
         Self { c: cout, h: oh, w: ow, v }
     }
 
-    fn group_norm(&self, groups: usize, scale: &[f64], shift: &[f64]) -> Self {
+    /// A 3x3 convolution with padding 1.
+    fn conv3(&self, w: Weights, name: &str) -> Self {
+        self.conv(w, name, 1, 1, 1)
+    }
+
+    /// GroupNorm by `name.weight`, `name.bias` with `groups` groups.
+    fn group_norm(&self, w: Weights, name: &str, groups: usize) -> Self {
+        let (scale, shift) = (w(&format!("{name}.weight")), w(&format!("{name}.bias")));
         let per = self.c / groups * self.h * self.w;
         let mut v = self.v.clone();
         for g in 0..groups {
@@ -108,6 +121,108 @@ impl Planes {
     fn add(&self, other: &Self) -> Self {
         Self { v: self.v.iter().zip(&other.v).map(|(a, b)| a + b).collect(), ..self.clone() }
     }
+
+    /// The resnet block under `prefix` (with `conv_shortcut` when conv1 changes the channels).
+    fn resnet(&self, w: Weights, prefix: &str, groups: usize) -> Self {
+        let name = |n: &str| format!("{prefix}.{n}");
+        let h = self.group_norm(w, &name("norm1"), groups).silu().conv3(w, &name("conv1"));
+        let h = h.group_norm(w, &name("norm2"), groups).silu().conv3(w, &name("conv2"));
+        let skip = if h.c == self.c { self.clone() } else { self.conv(w, &name("conv_shortcut"), 1, 0, 0) };
+        skip.add(&h)
+    }
+
+    /// The single-head attention block under `prefix`.
+    fn attention(&self, w: Weights, prefix: &str, groups: usize) -> Self {
+        let name = |n: &str| format!("{prefix}.{n}");
+        let (c, t) = (self.c, self.h * self.w);
+        let n = self.group_norm(w, &name("group_norm"), groups);
+        // Token i, channel j of `src` is src(i, j); a projection returns [token][channel].
+        let project = |layer: &str, src: &dyn Fn(usize, usize) -> f64| -> Vec<Vec<f64>> {
+            let (wm, bias) = (w(&name(&format!("{layer}.weight"))), w(&name(&format!("{layer}.bias"))));
+            (0..t)
+                .map(|i| (0..c).map(|o| bias[o] + (0..c).map(|j| wm[o * c + j] * src(i, j)).sum::<f64>()).collect())
+                .collect()
+        };
+        let normed = |i: usize, j: usize| n.v[j * t + i];
+        let (q, k, v) = (project("to_q", &normed), project("to_k", &normed), project("to_v", &normed));
+        let mut attended = vec![vec![0.0; c]; t];
+        for i in 0..t {
+            let scores: Vec<f64> =
+                (0..t).map(|m| (0..c).map(|j| q[i][j] * k[m][j]).sum::<f64>() / (c as f64).sqrt()).collect();
+            let top = scores.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+            let e: Vec<f64> = scores.iter().map(|s| (s - top).exp()).collect();
+            let sum: f64 = e.iter().sum();
+            for (m, em) in e.iter().enumerate() {
+                for j in 0..c {
+                    attended[i][j] += em / sum * v[m][j];
+                }
+            }
+        }
+        let out = project("to_out.0", &|i, j| attended[i][j]);
+        let v = (0..c).flat_map(|j| (0..t).map(move |i| (j, i))).map(|(j, i)| out[i][j] + self.v[j * t + i]).collect();
+        Self { v, ..self.clone() }
+    }
+
+    /// Zero pad one row and column at the bottom/right, 3x3 stride-2 `prefix.conv`.
+    fn downsample(&self, w: Weights, prefix: &str) -> Self {
+        self.conv(w, &format!("{prefix}.conv"), 2, 0, 1)
+    }
+
+    /// Nearest 2x, then the 3x3 `prefix.conv`.
+    fn upsample(&self, w: Weights, prefix: &str) -> Self {
+        let (h, wd) = (2 * self.h, 2 * self.w);
+        let v = (0..self.c * h * wd)
+            .map(|i| self.at(i / (h * wd), ((i / wd) % h / 2) as isize, (i % wd / 2) as isize))
+            .collect();
+        Self { c: self.c, h, w: wd, v }.conv3(w, &format!("{prefix}.conv"))
+    }
+
+    fn mid_block(&self, w: Weights, prefix: &str, groups: usize) -> Self {
+        self.resnet(w, &format!("{prefix}.resnets.0"), groups)
+            .attention(w, &format!("{prefix}.attentions.0"), groups)
+            .resnet(w, &format!("{prefix}.resnets.1"), groups)
+    }
+
+    /// The whole encoder's mean, normalised: `(mean - shift) * scale`.
+    fn encode(&self, w: Weights, cfg: &VaeConfig) -> Self {
+        let g = cfg.norm_groups;
+        let levels = cfg.block_out_channels.len();
+        let mut x = self.conv3(w, "encoder.conv_in");
+        for i in 0..levels {
+            for j in 0..cfg.layers_per_block {
+                x = x.resnet(w, &format!("encoder.down_blocks.{i}.resnets.{j}"), g);
+            }
+            if i + 1 < levels {
+                x = x.downsample(w, &format!("encoder.down_blocks.{i}.downsamplers.0"));
+            }
+        }
+        let x = x.mid_block(w, "encoder.mid_block", g);
+        let moments = x.group_norm(w, "encoder.conv_norm_out", g).silu().conv3(w, "encoder.conv_out");
+        let plane = moments.h * moments.w;
+        let v = moments.v[..cfg.latent_channels * plane]
+            .iter()
+            .map(|m| (m - cfg.shift_factor) * cfg.scaling_factor)
+            .collect();
+        Self { c: cfg.latent_channels, v, ..moments }
+    }
+
+    /// The whole decoder of a normalised latent, clamped to [-1, 1].
+    fn decode(&self, w: Weights, cfg: &VaeConfig) -> Self {
+        let g = cfg.norm_groups;
+        let levels = cfg.block_out_channels.len();
+        let z = Self { v: self.v.iter().map(|l| l / cfg.scaling_factor + cfg.shift_factor).collect(), ..self.clone() };
+        let mut x = z.conv3(w, "decoder.conv_in").mid_block(w, "decoder.mid_block", g);
+        for i in 0..levels {
+            for j in 0..=cfg.layers_per_block {
+                x = x.resnet(w, &format!("decoder.up_blocks.{i}.resnets.{j}"), g);
+            }
+            if i + 1 < levels {
+                x = x.upsample(w, &format!("decoder.up_blocks.{i}.upsamplers.0"));
+            }
+        }
+        let x = x.group_norm(w, "decoder.conv_norm_out", g).silu().conv3(w, "decoder.conv_out");
+        Self { v: x.v.iter().map(|v| v.clamp(-1.0, 1.0)).collect(), ..x }
+    }
 }
 
 /// Splits a `[B, C, H, W]` tensor into per-image f64 planes.
@@ -127,17 +242,8 @@ fn resnet_block_with_shortcut_matches_f64() {
     let block = ResnetBlock::load(4, 8, 2, weights.var_builder(DType::F32).pp("r")).unwrap();
     let x = random_tensor(1, &[2, 4, 5, 7], -2.0, 2.0);
     let got = to_f64(&block.forward(&x).unwrap());
-    let w = |n: &str| weights.get_f64(&format!("r.{n}"));
-    let expected: Vec<Planes> = planes(&x)
-        .iter()
-        .map(|p| {
-            let h = p.group_norm(2, &w("norm1.weight"), &w("norm1.bias")).silu();
-            let h = h.conv(&w("conv1.weight"), &w("conv1.bias"), 3, 1, 1, 1);
-            let h = h.group_norm(2, &w("norm2.weight"), &w("norm2.bias")).silu();
-            let h = h.conv(&w("conv2.weight"), &w("conv2.bias"), 3, 1, 1, 1);
-            p.conv(&w("conv_shortcut.weight"), &w("conv_shortcut.bias"), 1, 1, 0, 0).add(&h)
-        })
-        .collect();
+    let w = |n: &str| weights.get_f64(n);
+    let expected: Vec<Planes> = planes(&x).iter().map(|p| p.resnet(&w, "r", 2)).collect();
     assert_close("resnet block", &got, &concat(&expected), TOLERANCE_F32);
 }
 
@@ -148,38 +254,9 @@ fn attention_block_matches_f64() {
     let block = AttentionBlock::load(c, groups, weights.var_builder(DType::F32).pp("a")).unwrap();
     let x = random_tensor(2, &[2, c, 3, 5], -2.0, 2.0);
     let got = to_f64(&block.forward(&x).unwrap());
-    let w = |n: &str| weights.get_f64(&format!("a.{n}"));
-    let (wq, wk, wv, wo) = (w("to_q.weight"), w("to_k.weight"), w("to_v.weight"), w("to_out.0.weight"));
-    let (bq, bk, bv, bo) = (w("to_q.bias"), w("to_k.bias"), w("to_v.bias"), w("to_out.0.bias"));
-    let mut expected = Vec::new();
-    for p in planes(&x) {
-        let n = p.group_norm(groups, &w("group_norm.weight"), &w("group_norm.bias"));
-        let t = p.h * p.w;
-        // token i, channel j of the normed input is n.v[j * t + i]
-        let project = |wm: &[f64], bias: &[f64], src: &dyn Fn(usize, usize) -> f64| -> Vec<Vec<f64>> {
-            (0..t)
-                .map(|i| (0..c).map(|o| bias[o] + (0..c).map(|j| wm[o * c + j] * src(i, j)).sum::<f64>()).collect())
-                .collect()
-        };
-        let normed = |i: usize, j: usize| n.v[j * t + i];
-        let (q, k, v) = (project(&wq, &bq, &normed), project(&wk, &bk, &normed), project(&wv, &bv, &normed));
-        let mut attended = vec![vec![0.0; c]; t];
-        for i in 0..t {
-            let scores: Vec<f64> =
-                (0..t).map(|m| (0..c).map(|j| q[i][j] * k[m][j]).sum::<f64>() / (c as f64).sqrt()).collect();
-            let top = scores.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
-            let e: Vec<f64> = scores.iter().map(|s| (s - top).exp()).collect();
-            let sum: f64 = e.iter().sum();
-            for (m, em) in e.iter().enumerate() {
-                for j in 0..c {
-                    attended[i][j] += em / sum * v[m][j];
-                }
-            }
-        }
-        let out = project(&wo, &bo, &|i, j| attended[i][j]);
-        expected.extend((0..c).flat_map(|j| (0..t).map(move |i| (j, i))).map(|(j, i)| out[i][j] + p.v[j * t + i]));
-    }
-    assert_close("attention block", &got, &expected, TOLERANCE_F32);
+    let w = |n: &str| weights.get_f64(n);
+    let expected: Vec<Planes> = planes(&x).iter().map(|p| p.attention(&w, "a", groups)).collect();
+    assert_close("attention block", &got, &concat(&expected), TOLERANCE_F32);
 }
 
 #[test]
@@ -189,7 +266,7 @@ fn downsample_pads_bottom_right_and_halves() {
     let x = random_tensor(3, &[1, 3, 6, 10], -1.0, 1.0);
     let y = block.forward(&x).unwrap();
     assert_eq!(y.dims(), &[1, 3, 3, 5]);
-    let expected = planes(&x)[0].conv(&weights.get_f64("d.conv.weight"), &weights.get_f64("d.conv.bias"), 3, 2, 0, 1);
+    let expected = planes(&x)[0].downsample(&|n: &str| weights.get_f64(n), "d");
     assert_close("downsample", &to_f64(&y), &expected.v, TOLERANCE_F32);
 }
 
@@ -200,15 +277,26 @@ fn upsample_is_nearest_then_conv() {
     let x = random_tensor(4, &[1, 2, 3, 4], -1.0, 1.0);
     let y = block.forward(&x).unwrap();
     assert_eq!(y.dims(), &[1, 2, 6, 8]);
-    let p = &planes(&x)[0];
-    let doubled = Planes {
-        c: 2,
-        h: 6,
-        w: 8,
-        v: (0..2 * 6 * 8).map(|i| p.at(i / 48, ((i / 8) % 6 / 2) as isize, (i % 8 / 2) as isize)).collect(),
-    };
-    let expected = doubled.conv(&weights.get_f64("u.conv.weight"), &weights.get_f64("u.conv.bias"), 3, 1, 1, 1);
+    let expected = planes(&x)[0].upsample(&|n: &str| weights.get_f64(n), "u");
     assert_close("upsample", &to_f64(&y), &expected.v, TOLERANCE_F32);
+}
+
+#[test]
+fn whole_encoder_and_decoder_match_f64() {
+    let weights = SeededWeights::new(15);
+    let cfg = VaeConfig::tiny();
+    let vae = Vae::load(weights.var_builder(DType::F32), &cfg).unwrap();
+    let w = |n: &str| weights.get_f64(n);
+    let image = random_tensor(5, &[1, 3, 16, 24], -1.0, 1.0);
+    let latent = vae.encode(&image).unwrap();
+    let expected_latent = planes(&image)[0].encode(&w, &cfg);
+    assert_eq!(latent.dims(), &[1, 16, 2, 3]);
+    assert_close("encoder", &to_f64(&latent), &expected_latent.v, TOLERANCE_F32);
+    let decoded = vae.decode(&latent).unwrap();
+    let expected_image = planes(&latent)[0].decode(&w, &cfg);
+    let inside = expected_image.v.iter().filter(|v| v.abs() < 1.0).count();
+    assert!(2 * inside > expected_image.v.len(), "only {inside} decoded values escape the clamp");
+    assert_close("decoder", &to_f64(&decoded), &expected_image.v, TOLERANCE_F32);
 }
 
 #[test]
