@@ -1,7 +1,6 @@
 //! FLUX's autoencoder on seeded random weights: the diffusers layout (names, shapes, parameter
 //! count), shapes on awkward sizes, each block and the whole encoder and decoder against a direct
-//! f64 computation, the latent
-//! normalisation, bf16 against f32, and errors that name a missing or mis-shaped tensor.
+//! f64 computation, the latent normalisation, bf16 against f32, and errors that name a missing or mis-shaped tensor.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
