@@ -122,13 +122,14 @@ fn run_ok(args: &[&str]) -> String {
 }
 
 #[test]
-fn cli_restore_writes_png_and_tiff_of_the_input_size() {
-    let (input, png, tiff) = (scratch("in.png"), scratch("out.png"), scratch("out.tiff"));
-    write_scene(&input, 45, 30);
+fn cli_restore_reads_png_and_jpeg_and_writes_png_and_tiff_of_the_input_size() {
+    let (png_in, jpeg_in) = (scratch("in.png"), scratch("in.jpg"));
+    write_scene(&png_in, 45, 30);
+    write_scene(&jpeg_in, 45, 30);
+    let (png_out, tiff_out) = (scratch("out.png"), scratch("out.tiff"));
     let common = ["--synthetic", "7", "--preset", "tiny", "--device", "cpu"];
-    let input_s = input.to_str().unwrap();
-    for (output, path) in [(&png, "fused"), (&tiff, "reference")] {
-        let mut args = vec!["restore", input_s, "-o", output.to_str().unwrap(), "--path", path];
+    for (input, output, path) in [(&png_in, &png_out, "fused"), (&jpeg_in, &tiff_out, "reference")] {
+        let mut args = vec!["restore", input.to_str().unwrap(), "-o", output.to_str().unwrap(), "--path", path];
         args.extend(common);
         let stdout = run_ok(&args);
         assert!(stdout.contains("plan: Task:"), "no plan printed: {stdout}");
