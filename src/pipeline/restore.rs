@@ -34,9 +34,6 @@ use super::standin::{dir_var_builder, synthetic_var_builder};
 use super::standin::{one_step, ExecPath, FluxConfig, FluxTransformer, PlanEncoder};
 use super::standin::{plan, Image, Plan};
 
-/// The flow-matching time the degraded latent enters at (300 of 1000 steps).
-pub const T_START: f64 = 0.3;
-
 /// Pipeline presets and the longest image side each restores at full resolution.
 const PRESET_MAX_SIDE: [(&str, usize); 2] = [("flux-dev", 1024), ("tiny", 512)];
 
@@ -384,7 +381,7 @@ fn padded_signed(image: &Image, (ph, pw): (usize, usize)) -> Vec<f32> {
 
 /// Checks that `image` holds `3 * height * width` values of a non-empty image.
 fn validate(image: &Image) -> Result<()> {
-    let needed = 3 * image.width * image.height;
+    let needed = image.width.checked_mul(image.height).and_then(|n| n.checked_mul(3)).unwrap_or(usize::MAX);
     if image.width == 0 || image.height == 0 || image.data.len() != needed {
         return Err(FapeError::Layout {
             op: "restore",
@@ -410,10 +407,15 @@ pub fn restore(image: &Image, pipeline: &Pipeline, path: ExecPath) -> Result<Res
     let (plan, planner_time) = timed(device, "planner", &mut peak, || plan(image))?;
 
     let geometry = Geometry::new(image.height, image.width, pipeline.max_side, pipeline.grid());
-    let work =
-        if geometry.work == geometry.input { image.clone() } else { resized(image, geometry.work.0, geometry.work.1)? };
+    let downscaled;
+    let work = if geometry.work == geometry.input {
+        image
+    } else {
+        downscaled = resized(image, geometry.work.0, geometry.work.1)?;
+        &downscaled
+    };
     let (ph, pw) = geometry.padded;
-    let signed = padded_signed(&work, geometry.padded);
+    let signed = padded_signed(work, geometry.padded);
 
     let (latent, encode_time) = timed(device, "vae-encode", &mut peak, || {
         let x = Tensor::from_vec(signed, (1, 3, ph, pw), device).and_then(|t| t.to_dtype(pipeline.dtype));
@@ -421,7 +423,17 @@ pub fn restore(image: &Image, pipeline: &Pipeline, path: ExecPath) -> Result<Res
     })?;
     let (restored, transformer_time) = timed(device, "transformer", &mut peak, || {
         let tokens = pipeline.plan_encoder.encode(&plan.line(), device).in_stage("plan encoder")?;
-        one_step(&pipeline.transformer, &latent, &tokens, path).in_stage("transformer")
+        let x0 = one_step(&pipeline.transformer, &latent, &tokens, path).in_stage("transformer")?;
+        if x0.dims() != latent.dims() {
+            let expected = format!("{:?} (the latent's shape)", latent.dims());
+            return Err(FapeError::Shape {
+                op: "restore",
+                tensor: "transformer output",
+                expected,
+                actual: x0.dims().to_vec(),
+            });
+        }
+        Ok(x0)
     })?;
     let (decoded, decode_time) = timed(device, "vae-decode", &mut peak, || {
         let x = pipeline.vae.decode(&restored).in_stage("vae-decode")?;
