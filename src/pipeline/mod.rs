@@ -1,0 +1,2 @@
+pub mod flux;
+pub mod weights;
