@@ -6,13 +6,13 @@ use std::path::PathBuf;
 
 use candle_core::{DType, Device, Tensor};
 use fape_kernels::pipeline::flux::{
-    one_step, ExecPath, FluxConfig, FluxTransformer, PlanEncoder, PlanTokens, ENTRY_TIME,
+    one_step, ExecPath, FluxConfig, FluxTransformer, LoraMoeLinear, PlanEncoder, PlanTokens, ENTRY_TIME,
 };
 use fape_kernels::pipeline::weights::{self, CheckedSafetensors, Recorder, TensorSpec};
 use fape_kernels::testing::{compare, rng, uniform};
 
 /// Rel-L2 of the fused path against the reference path, both in f32.
-const PATHS_TOLERANCE_F32: f64 = 1e-4;
+const PATHS_TOLERANCE_F32: f64 = 1e-5;
 /// Rel-L2 of the fused path against the reference path, both in bf16 (issue #6).
 const PATHS_TOLERANCE_BF16: f64 = 2e-2;
 
@@ -120,6 +120,25 @@ fn fused_path_matches_reference_in_bf16() {
         let err = rel_l2(got, &exact);
         eprintln!("bf16 {name} vs f32 reference: rel-L2 {err:e}");
         assert!(err <= PATHS_TOLERANCE_BF16, "bf16 {name} vs f32 reference: rel-L2 {err:e}");
+    }
+}
+
+#[test]
+fn the_lora_moe_adapter_agrees_between_paths_and_matters() {
+    let mut moe = FluxConfig::tiny().lora_moe;
+    let vb = weights::synthetic(SEED, DType::F32, &Device::Cpu).pp("transformer_blocks.0.attn.to_q");
+    let layer = LoraMoeLinear::load(vb.clone(), 128, 128, 2, 8).unwrap();
+    let x = Tensor::from_vec(uniform(&mut rng(9), 2 * 37 * 128, -1.0, 1.0), (2, 37, 128), &Device::Cpu).unwrap();
+    let (w, b) = (vb.get((128, 128), "weight").unwrap(), vb.get(128, "bias").unwrap());
+    let base = x.broadcast_matmul(&w.t().unwrap()).unwrap().broadcast_add(&b).unwrap();
+    let rms = |t: &Tensor| values(t).iter().map(|v| f64::from(v * v)).sum::<f64>().sqrt();
+    for top_k in [0, 1] {
+        moe.top_k = top_k;
+        let delta = |path| (layer.forward(&x, &moe, path).unwrap() - &base).unwrap();
+        let (reference, fused) = (delta(ExecPath::Reference), delta(ExecPath::Fused));
+        assert!(rms(&reference) > 1e-3 * rms(&base), "top_k {top_k}: the adapter adds nothing");
+        let err = rel_l2(&fused, &reference);
+        assert!(err <= 1e-4, "top_k {top_k}: adapter term fused vs reference: rel-L2 {err:e}");
     }
 }
 

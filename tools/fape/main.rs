@@ -7,6 +7,7 @@
 mod bench;
 mod check;
 mod op;
+mod weights;
 
 use std::process::ExitCode;
 
@@ -32,6 +33,8 @@ enum Command {
     Check(check::CheckArgs),
     /// Time an op (or the whole pipeline) beside its baseline from the same run.
     Bench(bench::BenchArgs),
+    /// Write synthetic executor weights (`fape weights synth --preset P --out DIR`).
+    Weights(weights::WeightsArgs),
 }
 
 fn main() -> ExitCode {
@@ -56,6 +59,7 @@ fn main() -> ExitCode {
         }
         Command::Check(args) => check::run(args),
         Command::Bench(args) => bench::run(args),
+        Command::Weights(args) => weights::run(args).map(|()| ExitCode::SUCCESS),
     };
     result.unwrap_or_else(|err| {
         let message = err.to_string();

@@ -56,7 +56,7 @@ mod plan;
 pub use config::{FluxConfig, TIMESTEP_FEATURES};
 pub use layers::LAYER_NORM_EPS;
 pub use lora::LoraMoeLinear;
-pub use model::{one_step, FluxTransformer, ENTRY_TIME};
+pub use model::{one_step, tensor_specs, FluxTransformer, ENTRY_TIME, TRANSFORMER_SUBFOLDER};
 pub use plan::{PlanEncoder, PlanTokens, BYTE_VALUES};
 
 /// Which implementation of the executor's hot ops runs.

@@ -8,10 +8,14 @@ use super::blocks::{BlockInputs, DoubleBlock, SingleBlock};
 use super::config::{FluxConfig, TIMESTEP_FEATURES};
 use super::embed::{pack, position_ids, rope_tables, timestep_features, unpack, MlpEmbedder};
 use super::layers::layer_norm;
-use super::plan::PlanTokens;
+use super::plan::{PlanEncoder, PlanTokens};
 use super::ExecPath;
 use crate::candle_ops::candle_error;
 use crate::error::FapeError;
+use crate::pipeline::weights::{Recorder, TensorSpec};
+
+/// The subfolder of a weights directory that holds the executor (and its plan encoder).
+pub const TRANSFORMER_SUBFOLDER: &str = "transformer";
 
 /// The op name of the executor's input errors.
 const OP: &str = "flux";
@@ -171,6 +175,24 @@ impl FluxTransformer {
         let pooled = plan.pooled.to_dtype(self.dtype)?.broadcast_as((batch, p[1]))?.contiguous()?;
         Ok((tokens, pooled))
     }
+}
+
+/// Every tensor [`FluxTransformer::load`] and [`PlanEncoder::load`] take for `cfg` (the contents
+/// of the [`TRANSFORMER_SUBFOLDER`]), listed without allocating them.
+///
+/// # Errors
+/// [`FapeError::Config`] when `cfg` is invalid.
+pub fn tensor_specs(cfg: &FluxConfig) -> crate::Result<Vec<TensorSpec>> {
+    cfg.validate()?;
+    let recorder = Recorder::new();
+    let recorded = FluxTransformer::load(recorder.var_builder(DType::F32), cfg)
+        .and_then(|_| PlanEncoder::load(recorder.var_builder(DType::F32), cfg));
+    recorded.map_err(|e| FapeError::Device {
+        backend: "candle",
+        context: "recording the executor's tensors".into(),
+        message: e.to_string(),
+    })?;
+    Ok(recorder.specs())
 }
 
 /// FAPE-IR's one restoration step: the degraded image's latent `z` `[B,C,h,w]` enters the flow at
