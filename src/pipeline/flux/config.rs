@@ -172,13 +172,13 @@ impl FluxConfig {
             ));
         }
         let rope: usize = self.axes_dims_rope.iter().sum();
-        if rope != self.head_dim || self.axes_dims_rope.iter().any(|a| a % 2 == 1) {
+        if rope != self.head_dim || self.axes_dims_rope.iter().any(|a| !a.is_multiple_of(2)) {
             return Err(config_error(
                 "axes_dims_rope",
                 format!("{:?} must be even and sum to head_dim {}", self.axes_dims_rope, self.head_dim),
             ));
         }
-        if self.in_channels % 4 != 0 {
+        if !self.in_channels.is_multiple_of(4) {
             return Err(config_error("in_channels", format!("{} is not 4 x latent channels", self.in_channels)));
         }
         if !(self.rope_theta.is_finite() && self.rope_theta > 0.0) {

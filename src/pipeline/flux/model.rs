@@ -113,7 +113,7 @@ impl FluxTransformer {
         let [b, c, h, w] = *dims else {
             return Err(input_error("latent", format!("[B,{},h,w]", cfg.latent_channels()), dims));
         };
-        if c != cfg.latent_channels() || h == 0 || w == 0 || h % 2 == 1 || w % 2 == 1 {
+        if c != cfg.latent_channels() || h == 0 || w == 0 || !h.is_multiple_of(2) || !w.is_multiple_of(2) {
             return Err(input_error(
                 "latent",
                 format!("[B,{},h,w] with h, w even and positive", cfg.latent_channels()),
