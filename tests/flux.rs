@@ -68,6 +68,7 @@ fn forward_keeps_the_latent_shape_and_one_step_follows_the_velocity() {
     let vv = values(&v);
     assert!(vv.iter().all(|x| x.is_finite()), "non-finite velocity");
     let rms = (vv.iter().map(|x| x * x).sum::<f32>() / vv.len() as f32).sqrt();
+    eprintln!("velocity rms: {rms}");
     assert!((1e-3..1e2).contains(&rms), "velocity rms {rms} is not sane");
     // The two images differ, so their velocities do.
     let half = vv.len() / 2;
@@ -155,6 +156,8 @@ fn bad_inputs_are_named() {
     assert!(err.contains("plan.tokens"), "{err}");
     let encoder = PlanEncoder::load(weights::synthetic(SEED, DType::F32, &Device::Cpu), &FluxConfig::tiny()).unwrap();
     assert!(encoder.encode("", &Device::Cpu).unwrap_err().to_string().contains("plan_line"));
+    assert_eq!("fused".parse::<ExecPath>().unwrap(), ExecPath::Fused);
+    assert!("fast".parse::<ExecPath>().unwrap_err().to_string().contains("path"));
 }
 
 #[test]
@@ -289,5 +292,55 @@ fn config_files_override_a_preset() {
     assert!(FluxConfig::from_file(&path).unwrap_err().to_string().contains("dimm"));
     std::fs::write(&path, r#"{ "preset": "tiny", "lora_moe": { "bands": ["low", "mid"] } }"#).unwrap();
     assert!(FluxConfig::from_file(&path).unwrap_err().to_string().contains("bands"));
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn activations_stay_sane_at_flux_dev_depth() {
+    // flux-dev's 19 + 38 blocks at the tiny width: synthetic scaling must keep every block finite
+    // and the latent's information alive to the output (the final LayerNorm fixes the output's
+    // scale, so its rms alone says little).
+    let cfg = FluxConfig { double_blocks: 19, single_blocks: 38, ..FluxConfig::tiny() };
+    let vb = weights::synthetic(SEED, DType::F32, &Device::Cpu);
+    let model = FluxTransformer::load(vb.clone(), &cfg).unwrap();
+    let plan = PlanEncoder::load(vb, &cfg).unwrap().encode(PLAN, &Device::Cpu).unwrap();
+    let z = latent((1, 16, 6, 6), 8);
+    let reference = model.forward(&z, &plan, ENTRY_TIME, ExecPath::Reference).unwrap();
+    let v = values(&reference);
+    let rms = (v.iter().map(|x| x * x).sum::<f32>() / v.len() as f32).sqrt();
+    eprintln!("velocity rms at flux-dev depth: {rms}");
+    assert!(v.iter().all(|x| x.is_finite()) && (1e-2..1e1).contains(&rms), "velocity rms {rms}");
+    let other = model.forward(&latent((1, 16, 6, 6), 9), &plan, ENTRY_TIME, ExecPath::Reference).unwrap();
+    let spread = rel_l2(&other, &reference);
+    eprintln!("velocity change between two latents at flux-dev depth: rel-L2 {spread}");
+    assert!(spread > 0.05, "two latents give nearly the same velocity: rel-L2 {spread}");
+    let fused = model.forward(&z, &plan, ENTRY_TIME, ExecPath::Fused).unwrap();
+    let err = rel_l2(&fused, &reference);
+    assert!(err <= PATHS_TOLERANCE_F32, "fused vs reference at depth: rel-L2 {err:e}");
+}
+
+#[test]
+fn the_cli_writes_weights_that_equal_the_in_place_ones() {
+    let dir = scratch("cli");
+    let status = std::process::Command::new(env!("CARGO_BIN_EXE_fape"))
+        .args(["weights", "synth", "--preset", "tiny", "--seed", "5", "--dtype", "f32", "--out"])
+        .arg(&dir)
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let stored = CheckedSafetensors::open(&dir, "transformer").unwrap();
+    let specs = tiny_specs();
+    assert_eq!(stored.specs().len(), specs.len());
+    for spec in &specs {
+        let file = stored.tensor(&spec.name, Some(&spec.shape), DType::F32, &Device::Cpu).unwrap();
+        assert_eq!(values(&file), weights::synthetic_values(5, &spec.name, &spec.shape), "{}", spec.name);
+    }
+    let bad = std::process::Command::new(env!("CARGO_BIN_EXE_fape"))
+        .args(["weights", "synth", "--preset", "flux-pro", "--out"])
+        .arg(&dir)
+        .output()
+        .unwrap();
+    assert_eq!(bad.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("flux-pro"));
     std::fs::remove_dir_all(&dir).unwrap();
 }
