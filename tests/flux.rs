@@ -344,3 +344,24 @@ fn the_cli_writes_weights_that_equal_the_in_place_ones() {
     assert!(String::from_utf8_lossy(&bad.stderr).contains("flux-pro"));
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+#[test]
+fn damaged_folders_are_reported_with_the_file() {
+    let dir = scratch("damaged");
+    let specs = tiny_specs();
+    let files = weights::write_synthetic(&dir, "transformer", &specs, SEED, DType::F32, 1 << 20, false).unwrap();
+    // A truncated shard.
+    let shard = &files[1];
+    let bytes = std::fs::read(shard).unwrap();
+    std::fs::write(shard, &bytes[..bytes.len() - 100]).unwrap();
+    let err = CheckedSafetensors::open(&dir, "transformer").unwrap_err().to_string();
+    assert!(err.contains(&shard.display().to_string()) && err.contains("truncated"), "{err}");
+    // A shard the index names but the folder lacks.
+    std::fs::remove_file(shard).unwrap();
+    let err = CheckedSafetensors::open(&dir, "transformer").unwrap_err().to_string();
+    assert!(err.contains(&shard.display().to_string()) && err.contains("cannot open"), "{err}");
+    // No weights at all.
+    let err = weights::load(&dir, "vae", DType::F32, &Device::Cpu).err().unwrap().to_string();
+    assert!(err.contains("vae"), "{err}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
