@@ -23,7 +23,7 @@ pub(crate) struct BlockInputs<'a> {
 }
 
 /// `norm(x) * (1 + scale) + shift` with `shift`, `scale` `[B, dim]`.
-fn modulate(x: &Tensor, shift: &Tensor, scale: &Tensor, path: ExecPath) -> candle_core::Result<Tensor> {
+pub(crate) fn modulate(x: &Tensor, shift: &Tensor, scale: &Tensor, path: ExecPath) -> candle_core::Result<Tensor> {
     layer_norm(x, path)?.broadcast_mul(&(scale.unsqueeze(1)? + 1.0)?)?.broadcast_add(&shift.unsqueeze(1)?)
 }
 

@@ -4,10 +4,9 @@
 use candle_core::{DType, Tensor, D};
 use candle_nn::{Linear, Module, VarBuilder};
 
-use super::blocks::{BlockInputs, DoubleBlock, SingleBlock};
+use super::blocks::{modulate, BlockInputs, DoubleBlock, SingleBlock};
 use super::config::{FluxConfig, TIMESTEP_FEATURES};
 use super::embed::{pack, position_ids, rope_tables, timestep_features, unpack, MlpEmbedder};
-use super::layers::layer_norm;
 use super::plan::{PlanEncoder, PlanTokens};
 use super::ExecPath;
 use crate::candle_ops::candle_error;
@@ -151,10 +150,7 @@ impl FluxTransformer {
         }
         let img = joint.narrow(1, n_txt, (h / 2) * (w / 2))?;
         let m = self.norm_out.forward(&conditioning)?.chunk(2, D::Minus1)?;
-        let (scale, shift) = (&m[0], &m[1]);
-        let img = layer_norm(&img, path)?
-            .broadcast_mul(&(scale.unsqueeze(1)? + 1.0)?)?
-            .broadcast_add(&shift.unsqueeze(1)?)?;
+        let img = modulate(&img, &m[1], &m[0], path)?; // norm_out's chunks are (scale, shift)
         unpack(&self.proj_out.forward(&img)?, h, w)?.to_dtype(latent.dtype())
     }
 
