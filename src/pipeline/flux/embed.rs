@@ -109,3 +109,65 @@ pub fn unpack(tokens: &Tensor, h: usize, w: usize) -> candle_core::Result<Tensor
     let c = width / 4;
     tokens.reshape((b, h / 2, w / 2, c, 2, 2))?.permute((0, 3, 1, 4, 2, 5))?.reshape((b, c, h, w))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn host(t: &Tensor) -> Vec<f32> {
+        t.flatten_all().unwrap().to_vec1().unwrap()
+    }
+
+    #[test]
+    fn pack_follows_the_documented_layout_and_unpack_inverts_it() {
+        let (b, c, h, w) = (2, 3, 4, 6);
+        let data: Vec<f32> = (0..b * c * h * w).map(|i| i as f32).collect();
+        let latent = Tensor::from_vec(data.clone(), (b, c, h, w), &Device::Cpu).unwrap();
+        let tokens = pack(&latent).unwrap();
+        assert_eq!(tokens.dims(), &[b, (h / 2) * (w / 2), 4 * c]);
+        let packed = host(&tokens);
+        for (bi, row, col, ci, dy, dx) in [(1, 1, 2, 2, 1, 0), (0, 0, 1, 1, 0, 1), (1, 0, 0, 0, 1, 1)] {
+            let token = row * (w / 2) + col;
+            let got = packed[(bi * (h / 2) * (w / 2) + token) * 4 * c + ci * 4 + dy * 2 + dx];
+            let want = data[((bi * c + ci) * h + 2 * row + dy) * w + 2 * col + dx];
+            assert_eq!(got, want, "b {bi} token ({row},{col}) channel {ci} offset ({dy},{dx})");
+        }
+        assert_eq!(host(&unpack(&tokens, h, w).unwrap()), data);
+    }
+
+    #[test]
+    fn rope_columns_follow_the_axes() {
+        let ids = position_ids(2, 3, 4);
+        assert_eq!(ids.len(), 2 + 12);
+        assert_eq!(ids[1], [0.0; 3]);
+        assert_eq!(ids[2 + 7], [0.0, 1.0, 3.0]);
+        let axes = [4, 6, 6];
+        let (cos, sin) = rope_tables(&ids, axes, 10_000.0, &Device::Cpu).unwrap();
+        assert_eq!(cos.dims(), &[14, 8]);
+        let (cos, sin) = (host(&cos), host(&sin));
+        let at = |l: usize, col: usize| (cos[l * 8 + col], sin[l * 8 + col]);
+        // Row 9 is image token (1, 3): axis 0 (2 columns) at 0, axis 1 (3 columns) at 1, axis 2 at 3.
+        assert_eq!(at(9, 1), (1.0, 0.0));
+        let expect = |pos: f64, i: usize, width: usize| {
+            let a = pos * 10_000f64.powf(-2.0 * i as f64 / width as f64);
+            (a.cos() as f32, a.sin() as f32)
+        };
+        assert_eq!(at(9, 2), expect(1.0, 0, 6));
+        assert_eq!(at(9, 3), expect(1.0, 1, 6));
+        assert_eq!(at(9, 5), expect(3.0, 0, 6));
+        assert_eq!(at(9, 7), expect(3.0, 2, 6));
+        // Text rows do not rotate.
+        assert!((0..8).all(|col| at(1, col) == (1.0, 0.0)));
+    }
+
+    #[test]
+    fn timestep_features_are_cosines_then_sines() {
+        let f = host(&timestep_features(&[0.0, 300.0], &Device::Cpu).unwrap());
+        assert_eq!(f.len(), 2 * TIMESTEP_FEATURES);
+        assert!(f[..128].iter().all(|&v| v == 1.0) && f[128..256].iter().all(|&v| v == 0.0));
+        let half = TIMESTEP_FEATURES / 2;
+        let freq = (-MAX_PERIOD.ln() * 5.0 / half as f64).exp();
+        assert!((f[256 + 5] - (300.0 * freq).cos() as f32).abs() < 1e-6);
+        assert!((f[256 + half + 5] - (300.0 * freq).sin() as f32).abs() < 1e-6);
+    }
+}
