@@ -365,3 +365,38 @@ fn damaged_folders_are_reported_with_the_file() {
     assert!(err.contains("vae"), "{err}");
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// Whether `python3` can import numpy and safetensors (the cross-check's optional needs).
+fn numpy_available() -> bool {
+    std::process::Command::new("python3")
+        .args(["-c", "import numpy, safetensors.numpy"])
+        .output()
+        .is_ok_and(|o| o.status.success())
+}
+
+#[test]
+fn reference_path_matches_an_independent_numpy_flux() {
+    if !numpy_available() {
+        // Optional: numpy is no build dependency, so its absence skips even under FAPE_NO_SKIP.
+        eprintln!(
+            "SKIP reference_path_matches_an_independent_numpy_flux: python3 with numpy and safetensors not found"
+        );
+        return;
+    }
+    let dir = scratch("numpy");
+    let specs = tiny_specs();
+    weights::write_synthetic(&dir, "transformer", &specs, SEED, DType::F32, u64::MAX, false).unwrap();
+    let (model, plan) = tiny_model(DType::F32);
+    let z = latent((2, 16, 4, 6), 10);
+    let v = model.forward(&z, &plan, ENTRY_TIME, ExecPath::Reference).unwrap();
+    let host = |t: &Tensor| fape_kernels::Tensor { data: values(t), shape: t.dims().to_vec() };
+    let bytes = fape_kernels::Tensor { data: PLAN.bytes().map(f32::from).collect(), shape: vec![PLAN.len()] };
+    let dump = dir.join("dump.safetensors");
+    fape_kernels::io::write(&dump, &[("z", &host(&z)), ("plan_bytes", &bytes), ("v", &host(&v))]).unwrap();
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tools/flux_numpy_crosscheck.py");
+    let out = std::process::Command::new("python3").arg(script).arg(&dir).arg(&dump).output().unwrap();
+    let report = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    eprintln!("{report}");
+    assert!(out.status.success(), "numpy cross-check failed: {report}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
