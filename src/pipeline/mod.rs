@@ -4,3 +4,5 @@
 pub mod restore;
 pub mod standin;
 pub mod vae;
+pub mod flux;
+pub mod weights;

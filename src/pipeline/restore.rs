@@ -30,8 +30,8 @@ use super::vae::{Vae, VaeConfig};
 use crate::error::{config_error, FapeError, Result};
 
 // The other branches' modules (image, planner, flux, weights); temporary stand-ins until merge.
-use super::standin::{dir_var_builder, synthetic_var_builder};
-use super::standin::{one_step, ExecPath, FluxConfig, FluxTransformer, PlanEncoder};
+use super::flux::{one_step, ExecPath, FluxConfig, FluxTransformer, PlanEncoder};
+use super::weights;
 use super::standin::{plan, Image, Plan};
 
 /// Pipeline presets and the longest image side each restores at full resolution.
@@ -124,8 +124,8 @@ impl Pipeline {
         // names the first missing tensor in pipeline order.
         let var_builder = |subfolder: &str| -> Result<VarBuilder<'static>> {
             match &weights {
-                WeightsSource::Dir(dir) => dir_var_builder(dir, subfolder, dtype, &device),
-                WeightsSource::Synthetic(seed) => Ok(synthetic_var_builder(*seed, dtype, &device)),
+                WeightsSource::Dir(dir) => weights::load(dir, subfolder, dtype, &device),
+                WeightsSource::Synthetic(seed) => Ok(weights::synthetic(*seed, dtype, &device)),
             }
         };
         let vae = Vae::load(var_builder("vae")?, &vae_config).map_err(|e| weights_error(&weights, "vae", e))?;

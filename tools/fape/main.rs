@@ -8,6 +8,7 @@ mod bench;
 mod check;
 mod op;
 mod restore;
+mod weights;
 
 use std::process::ExitCode;
 
@@ -35,6 +36,8 @@ enum Command {
     Bench(bench::BenchArgs),
     /// Restore an image: planner, VAE encode, one transformer step, VAE decode.
     Restore(restore::RestoreArgs),
+    /// Write synthetic executor weights (`fape weights synth --preset P --out DIR`).
+    Weights(weights::WeightsArgs),
 }
 
 fn main() -> ExitCode {
@@ -60,6 +63,7 @@ fn main() -> ExitCode {
         Command::Check(args) => check::run(args),
         Command::Bench(args) => bench::run(args),
         Command::Restore(args) => restore::run(args).map(|()| ExitCode::SUCCESS),
+        Command::Weights(args) => weights::run(args).map(|()| ExitCode::SUCCESS),
     };
     result.unwrap_or_else(|err| {
         let message = err.to_string();

@@ -6,7 +6,8 @@ use std::path::PathBuf;
 use candle_core::{DType, Device};
 use clap::{Args, ValueEnum};
 use fape_kernels::pipeline::restore::{restore, Pipeline, WeightsSource};
-use fape_kernels::pipeline::standin::{ExecPath, Image};
+use fape_kernels::pipeline::flux::ExecPath;
+use fape_kernels::pipeline::standin::Image;
 use fape_kernels::{FapeError, Result};
 
 /// Where the pipeline runs.
