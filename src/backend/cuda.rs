@@ -31,11 +31,14 @@ const BACKEND: &str = "cuda";
 /// `kernels/lora_moe.cu`: the LoRA-MoE kernels (token low-pass, fused expert dispatch).
 pub(crate) const LORA_MOE_CU: (&str, &str) = ("lora_moe.cu", include_str!("../../kernels/lora_moe.cu"));
 
+/// `kernels/attention.cu`: the attention kernels (row pre-pass, flash forward, naive softmax).
+pub(crate) const ATTENTION_CU: (&str, &str) = ("attention.cu", include_str!("../../kernels/attention.cu"));
+
 /// Every kernel source shipped in `kernels/*.cu`, as `(file name, CUDA C source)`.
 ///
 /// The device compiles from this list and `tests/kernels_compile.rs` compiles and assembles
 /// every entry, so a kernel file added to the crate must be added here.
-pub const KERNEL_SOURCES: &[(&str, &str)] = &[LORA_MOE_CU];
+pub const KERNEL_SOURCES: &[(&str, &str)] = &[LORA_MOE_CU, ATTENTION_CU];
 
 /// The NVRTC options every kernel is compiled with, besides `--gpu-architecture=<arch>`:
 /// C++17, IEEE-accurate f32 (no fast math: no flush-to-zero, exact division and square root;
