@@ -272,6 +272,29 @@ fn module_cache() -> &'static Mutex<HashMap<ModuleKey, Arc<CudaModule>>> {
     CACHE.get_or_init(Default::default)
 }
 
+/// The module compiled from `(kernel_file, source)` for the device of `ctx` (a context this
+/// crate did not create, such as candle's) and loaded in it, through the same process-wide
+/// cache as [`CudaDevice::module`].
+///
+/// # Errors
+/// [`FapeError::BackendUnavailable`] when libnvrtc is missing; [`FapeError::Nvrtc`] with the
+/// compiler log; [`FapeError::Device`] when the driver cannot load the PTX.
+#[cfg(feature = "candle-cuda")]
+pub(crate) fn context_module(ctx: &Arc<CudaContext>, (kernel_file, source): (&str, &str)) -> Result<Arc<CudaModule>> {
+    libnvrtc().map_err(unavailable)?;
+    let (major, minor) = ctx.compute_capability().map_err(dev_err("reading the compute capability"))?;
+    let arch = arch_for(major, minor);
+    let key: ModuleKey = (ctx.cu_ctx() as usize, Sha256::digest(source.as_bytes()).into(), arch.clone());
+    let mut cache = module_cache().lock().unwrap_or_else(|p| p.into_inner());
+    if let Some(module) = cache.get(&key) {
+        return Ok(module.clone());
+    }
+    let ptx = compile_ptx(kernel_file, source, &arch)?;
+    let module = ctx.load_module(ptx).map_err(dev_err(format!("loading the PTX of `{kernel_file}` for {arch}")))?;
+    cache.insert(key, module.clone());
+    Ok(module)
+}
+
 // ---------------------------------------------------------------------------------------------
 // The device
 // ---------------------------------------------------------------------------------------------
