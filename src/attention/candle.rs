@@ -281,8 +281,8 @@ mod tests {
         let q = random(&[b, h, lq, d], 1);
         let k = random(&[b, h, lk, d], 2);
         let v = random(&[b, h, lk, d], 3);
-        let q_norm = (random(&[d], 4) * 0.25 + 1.0).expect("norm");
-        let k_norm = (random(&[d], 5) * 0.25 + 1.0).expect("norm");
+        let q_norm = random(&[d], 4).affine(0.25, 1.0).expect("norm");
+        let k_norm = random(&[d], 5).affine(0.25, 1.0).expect("norm");
         let (cos, sin) = rope_tables(lq.max(lk), d).expect("tables");
         let cpu = candle_core::Device::Cpu;
         let cos = Tensor::from_vec(cos.data, cos.shape, &cpu).expect("cos");
