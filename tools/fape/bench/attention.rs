@@ -160,7 +160,7 @@ fn host_row(device: &Device, inputs: &Inputs<f32>, plan: BenchPlan, table: &mut 
     };
     table.rows.push(BenchRow {
         shape: inputs.spelling(),
-        variant: "flash+norm+rope".into(),
+        variant: "f32+norm+rope".into(),
         backend: device.kind().name().into(),
         timing,
         work: Work::Flops(inputs.flops()),
