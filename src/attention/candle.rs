@@ -202,6 +202,7 @@ impl AttentionOp {
         use super::cuda::{forward, DeviceInputs, Kernels};
         use crate::candle_ops::cuda_view;
         use crate::error::FapeError;
+        use candle_core::backend::BackendDevice;
         use cudarc::driver::CudaView;
 
         // bf16/f16/f32 as the kernels' bit pattern (u16 or f32): same size, same bits.
@@ -251,10 +252,9 @@ impl AttentionOp {
             .alloc_zeros::<T>(len)
             .map_err(|e| candle_error(crate::backend::cuda::driver_error("allocating the attention output", e)))?;
         {
-            let mut out_view = out.as_view_mut();
             // SAFETY: as in `bits`: same size, every pattern valid both ways.
-            let mut out_bits = unsafe { out_view.transmute_mut::<T::Bits>(len) }.ok_or_else(|| {
-                candle_error(FapeError::Unsupported { op: OP, backend: "cuda", what: "a view".into() })
+            let mut out_bits = unsafe { out.transmute_mut::<T::Bits>(len) }.ok_or_else(|| {
+                candle_error(FapeError::Unsupported { op: OP, backend: "cuda", what: "the output view".into() })
             })?;
             let scale = self.config.scale_for(self.dims.head_dim);
             forward::<T>(&kernels, &inputs, self.dims, scale, &mut out_bits).map_err(candle_error)?;

@@ -106,6 +106,9 @@ impl Kernels {
     }
 }
 
+/// Borrowed RoPE tables `(cos, sin)` on the device.
+type DeviceRope<'a, B> = (CudaView<'a, B>, CudaView<'a, B>);
+
 /// Borrowed device inputs of one attention call, each dense row-major as its host tensor in
 /// [`AttentionInputs`]; `B` is the element's bit pattern ([`AttentionElement::Bits`]).
 pub(crate) struct DeviceInputs<'a, B> {
@@ -114,7 +117,7 @@ pub(crate) struct DeviceInputs<'a, B> {
     pub v: CudaView<'a, B>,
     pub q_norm: Option<CudaView<'a, B>>,
     pub k_norm: Option<CudaView<'a, B>>,
-    pub rope: Option<(CudaView<'a, B>, CudaView<'a, B>)>,
+    pub rope: Option<DeviceRope<'a, B>>,
 }
 
 /// `FapeError::Unsupported` on the CUDA backend.
@@ -229,7 +232,7 @@ fn launch_prepare<T: AttentionElement>(
     name: &str,
     x: &CudaView<'_, T::Bits>,
     norm: Option<&CudaView<'_, T::Bits>>,
-    rope: Option<&(CudaView<'_, T::Bits>, CudaView<'_, T::Bits>)>,
+    rope: Option<&DeviceRope<'_, T::Bits>>,
     out: &mut CudaViewMut<'_, T::Bits>,
     seq_len: usize,
     dims: AttentionDims,
@@ -268,7 +271,7 @@ fn launch_prepare<T: AttentionElement>(
 
 /// The 16-byte alignment the tensor-core kernel's vector loads and stores need.
 fn expect_aligned(name: &str, address: u64) -> Result<()> {
-    if address % 16 != 0 {
+    if !address.is_multiple_of(16) {
         return Err(unsupported(format!("device buffer `{name}` at address {address:#x} is not 16-byte aligned")));
     }
     Ok(())
