@@ -318,7 +318,7 @@ fn launch_flash<T: AttentionElement>(
             .map_err(dev_err(format!("allowing {kernel} {smem} bytes of dynamic shared memory")))?;
     }
     let stream = kernels.stream.clone();
-    {
+    if T::TENSOR_CORES {
         let (q_ptr, _q_sync) = q.device_ptr(&stream);
         let (k_ptr, _k_sync) = k.device_ptr(&stream);
         let (v_ptr, _v_sync) = v.device_ptr(&stream);
@@ -346,8 +346,8 @@ fn launch_flash<T: AttentionElement>(
     // y < B*H: q and out hold B*H*Lq*D elements and k, v B*H*Lk*D (checked by `expect_lengths`,
     // the prepared buffers are allocated at exactly that size, out checked above). The 16-byte
     // vector accesses of the tensor-core kernel are aligned (base pointers checked above, rows
-    // are 128 or 256 bytes). The grid is ceil(Lq/BLOCK_M) x B*H blocks of THREADS with the
-    // dynamic shared memory the kernel's shape needs (opted in above when over 48 KiB), every
+    // are 128 or 256 bytes; the f32 kernel makes 4-byte accesses only). The grid is
+    // ceil(Lq/BLOCK_M) x B*H blocks of THREADS with the dynamic shared memory the kernel's shape needs (opted in above when over 48 KiB), every
     // extent fits the kernel's int arithmetic (checked) and offsets are 64-bit in the kernel.
     // `out` is borrowed mutably, so it is distinct from the inputs. The buffers outlive the
     // launch: cudarc records their use on the stream before they can be freed.
