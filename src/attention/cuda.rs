@@ -348,7 +348,8 @@ fn launch_flash<T: AttentionElement>(
     // vector accesses of the tensor-core kernel are aligned (base pointers checked above, rows
     // are 128 or 256 bytes; the f32 kernel makes 4-byte accesses only). The grid is
     // ceil(Lq/BLOCK_M) x B*H blocks of THREADS with the dynamic shared memory the kernel's
-    // shape needs (opted in above when over 48 KiB), every extent fits the kernel's int arithmetic (checked) and offsets are 64-bit in the kernel.
+    // shape needs (opted in above when over 48 KiB), every extent fits the kernel's int
+    // arithmetic (checked) and offsets are 64-bit in the kernel.
     // `out` is borrowed mutably, so it is distinct from the inputs. The buffers outlive the
     // launch: cudarc records their use on the stream before they can be freed.
     unsafe { launch.launch(cfg) }.map_err(dev_err(format!("launching {kernel}")))?;
