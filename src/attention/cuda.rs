@@ -489,3 +489,124 @@ impl<T: AttentionElement> CudaAttention<T> {
         Ok(Tensor { data: bytemuck::cast_slice(&bits).to_vec(), shape: vec![batch, heads, q_len, head_dim] })
     }
 }
+
+/// The tensor-core kernel's operand addressing, replayed on the host: `ldmatrix` and
+/// `mma.m16n8k16` emulated from their PTX ISA fragment layouts, driven by the same lane address
+/// and register formulas as `flash_body` in `kernels/attention.cu` (transcribed below, keep them
+/// in step), for one warp's S = Q K^T and O = P V over one 64-key tile, against plain products.
+#[cfg(test)]
+mod fragment_layouts {
+    /// One 32-bit register: two 16-bit elements (low half first), as f64.
+    type Reg = [f64; 2];
+
+    /// `ldmatrix.m8n8.x4[.trans]`: lane `8m + r` gives the (row, column) where row `r` of matrix
+    /// `m` starts; returns each lane's four registers.
+    fn ldmatrix(tile: &[Vec<f64>], address: impl Fn(usize) -> (usize, usize), trans: bool) -> [[Reg; 4]; 32] {
+        let mut regs = [[[0.0; 2]; 4]; 32];
+        for (lane, lane_regs) in regs.iter_mut().enumerate() {
+            let (g, t) = (lane / 4, lane % 4);
+            for (m, reg) in lane_regs.iter_mut().enumerate() {
+                let at = |r: usize, c: usize| {
+                    let (row, col) = address(8 * m + r);
+                    tile[row][col + c]
+                };
+                *reg = if trans { [at(2 * t, g), at(2 * t + 1, g)] } else { [at(g, 2 * t), at(g, 2 * t + 1)] };
+            }
+        }
+        regs
+    }
+
+    /// `mma.m16n8k16.row.col`: `d += A B` from every lane's A (4 registers) and B (2) fragments.
+    fn mma(d: &mut [[f64; 4]; 32], a: &[[Reg; 4]; 32], b: &[[Reg; 2]; 32]) {
+        let (mut am, mut bm) = ([[0.0; 16]; 16], [[0.0; 8]; 16]);
+        for lane in 0..32 {
+            let (g, t) = (lane / 4, lane % 4);
+            for i in 0..2 {
+                am[g][2 * t + i] = a[lane][0][i];
+                am[g + 8][2 * t + i] = a[lane][1][i];
+                am[g][2 * t + 8 + i] = a[lane][2][i];
+                am[g + 8][2 * t + 8 + i] = a[lane][3][i];
+                bm[2 * t + i][g] = b[lane][0][i];
+                bm[2 * t + 8 + i][g] = b[lane][1][i];
+            }
+        }
+        for (lane, dl) in d.iter_mut().enumerate() {
+            let (g, t) = (lane / 4, lane % 4);
+            for (c, value) in dl.iter_mut().enumerate() {
+                let (row, col) = (g + 8 * (c / 2), 2 * t + c % 2);
+                *value += (0..16).map(|k| am[row][k] * bm[k][col]).sum::<f64>();
+            }
+        }
+    }
+
+    fn matrix(rows: usize, cols: usize, seed: u64) -> Vec<Vec<f64>> {
+        let values = crate::testing::uniform(&mut crate::testing::rng(seed), rows * cols, -1.0, 1.0);
+        values.chunks(cols).map(|r| r.iter().map(|&x| f64::from(x)).collect()).collect()
+    }
+
+    fn check(d: usize) {
+        const BLOCK_N: usize = 64;
+        let (q, k, v) = (matrix(16, d, 1), matrix(BLOCK_N, d, 2), matrix(BLOCK_N, d, 3));
+        // S = Q K^T: q_frag[kk] at row lane % 16, column 16kk + 8 (lane / 16); K at key
+        // 16p + 8 (lane / 16) + lane % 8, column 16kk + 8 ((lane / 8) % 2).
+        let mut s = vec![[[0.0; 4]; 32]; BLOCK_N / 8];
+        for kk in 0..d / 16 {
+            let q_frag = ldmatrix(&q, |lane| (lane & 15, kk * 16 + (lane >> 4) * 8), false);
+            for p in 0..BLOCK_N / 16 {
+                let b = ldmatrix(
+                    &k,
+                    |lane| (p * 16 + (lane >> 4) * 8 + (lane & 7), kk * 16 + ((lane >> 3) & 1) * 8),
+                    false,
+                );
+                let lo: [[Reg; 2]; 32] = std::array::from_fn(|l| [b[l][0], b[l][1]]);
+                let hi: [[Reg; 2]; 32] = std::array::from_fn(|l| [b[l][2], b[l][3]]);
+                mma(&mut s[2 * p], &q_frag, &lo);
+                mma(&mut s[2 * p + 1], &q_frag, &hi);
+            }
+        }
+        let dot = |a: &[f64], b: &[f64]| a.iter().zip(b).map(|(x, y)| x * y).sum::<f64>();
+        for (nb, block) in s.iter().enumerate() {
+            for (lane, regs) in block.iter().enumerate() {
+                let (g, t) = (lane / 4, lane % 4);
+                for (c, &got) in regs.iter().enumerate() {
+                    let (row, key) = (g + 8 * (c / 2), nb * 8 + 2 * t + c % 2);
+                    assert!((got - dot(&q[row], &k[key])).abs() < 1e-9, "D={d} S[{row}][{key}]");
+                }
+            }
+        }
+        // O = P V with P = S: a = pack(S[2kk].c0,c1), pack(S[2kk].c2,c3), pack(S[2kk+1].c0,c1),
+        // pack(S[2kk+1].c2,c3); V (.trans) at key 16kk + 8 ((lane / 8) % 2) + lane % 8, column
+        // 16p + 8 (lane / 16).
+        let mut o = vec![[[0.0; 4]; 32]; d / 8];
+        for kk in 0..BLOCK_N / 16 {
+            let a: [[Reg; 4]; 32] = std::array::from_fn(|l| {
+                let (x, y) = (&s[2 * kk][l], &s[2 * kk + 1][l]);
+                [[x[0], x[1]], [x[2], x[3]], [y[0], y[1]], [y[2], y[3]]]
+            });
+            for p in 0..d / 16 {
+                let b =
+                    ldmatrix(&v, |lane| (kk * 16 + ((lane >> 3) & 1) * 8 + (lane & 7), p * 16 + (lane >> 4) * 8), true);
+                let lo: [[Reg; 2]; 32] = std::array::from_fn(|l| [b[l][0], b[l][1]]);
+                let hi: [[Reg; 2]; 32] = std::array::from_fn(|l| [b[l][2], b[l][3]]);
+                mma(&mut o[2 * p], &a, &lo);
+                mma(&mut o[2 * p + 1], &a, &hi);
+            }
+        }
+        for (db, block) in o.iter().enumerate() {
+            for (lane, regs) in block.iter().enumerate() {
+                let (g, t) = (lane / 4, lane % 4);
+                for (c, &got) in regs.iter().enumerate() {
+                    let (row, col) = (g + 8 * (c / 2), db * 8 + 2 * t + c % 2);
+                    let expected: f64 = (0..BLOCK_N).map(|key| dot(&q[row], &k[key]) * v[key][col]).sum();
+                    assert!((got - expected).abs() < 1e-9, "D={d} O[{row}][{col}]: {got} vs {expected}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn flash_operand_addressing_computes_q_k_and_p_v() {
+        check(64);
+        check(128);
+    }
+}
