@@ -13,7 +13,10 @@
 //!   rows `0..Lq`, `k` rows `0..Lk`; `v` is not rotated. `D` must be even.
 //! * `scale` defaults to `1/sqrt(D)`.
 //!
-//! The exact f64 contract is [`reference::attention`]; [`attention`] runs it on a [`Device`].
+//! The exact f64 contract is [`reference::attention`]; [`attention`] runs it on a [`Device`] in
+//! f32 and [`attention_typed`] in f32, bf16 or f16. On CUDA, `CudaAttention` keeps the inputs on
+//! the device for repeated runs of the flash kernel and of the naive cuBLAS baseline (benches);
+//! `crate::candle_ops::attention` is the candle op.
 
 pub(crate) mod candle;
 mod check;
