@@ -21,10 +21,11 @@ use crate::tensor::View;
 /// the f32 kernel (D <= 256), on the tensors' device and stream.
 ///
 /// # Errors
-/// A candle error wrapping [`FapeError::Shape`](crate::FapeError::Shape) (rank, mismatched `B`/`H`/`D`, a short or
-/// misshapen table) or [`FapeError::Config`](crate::FapeError::Config) (invalid scale); candle's dtype error when `k` or `v`
-/// differs from `q` or the dtype is not f32/bf16/f16; [`FapeError::Unsupported`](crate::FapeError::Unsupported) for a head
-/// dimension the CUDA kernel lacks; device errors.
+/// A candle error wrapping [`FapeError::Shape`](crate::FapeError::Shape) (rank, mismatched
+/// `B`/`H`/`D`, a short or misshapen table) or [`FapeError::Config`](crate::FapeError::Config)
+/// (invalid scale); candle's dtype error when `k` or `v` differs from `q` or the dtype is not
+/// f32/bf16/f16; [`FapeError::Unsupported`](crate::FapeError::Unsupported) for a head dimension
+/// the CUDA kernel lacks; device errors.
 pub fn attention(
     q: &Tensor,
     k: &Tensor,
