@@ -194,12 +194,18 @@ impl CustomOp3 for AttentionOp {
 
 #[cfg(feature = "candle-cuda")]
 impl AttentionOp {
-    fn cuda_typed<T: AttentionElement + candle_core::cuda_backend::CudaDType>(
+    fn cuda_typed<T>(
         &self,
         (s1, l1): (&candle_core::CudaStorage, &Layout),
         (s2, l2): (&candle_core::CudaStorage, &Layout),
         (s3, l3): (&candle_core::CudaStorage, &Layout),
-    ) -> candle_core::Result<candle_core::CudaStorage> {
+    ) -> candle_core::Result<candle_core::CudaStorage>
+    where
+        T: AttentionElement
+            + candle_core::cuda_backend::CudaDType
+            + cudarc::driver::DeviceRepr
+            + cudarc::driver::ValidAsZeroBits,
+    {
         use super::cuda::{forward, DeviceInputs, Kernels};
         use crate::candle_ops::cuda_view;
         use crate::error::FapeError;
@@ -212,8 +218,9 @@ impl AttentionOp {
             // SAFETY: `T::Bits` has the size of `T` and every bit pattern of `T` is a valid
             // `T::Bits` (u16 for the 16-bit floats, f32 for f32), so the reinterpretation of
             // `len` elements stays inside the view and reads valid values.
-            unsafe { view.transmute::<T::Bits>(len) }
-                .ok_or_else(|| candle_error(FapeError::Unsupported { op: OP, backend: "cuda", what: "a view".into() }))
+            unsafe { view.transmute::<T::Bits>(len) }.ok_or_else(|| {
+                candle_error(crate::FapeError::Unsupported { op: OP, backend: "cuda", what: "a view".into() })
+            })
         }
 
         let device = s1.device().clone();
