@@ -542,3 +542,138 @@ proptest! {
         prop_assert!((rotated_norm2 - norm2).abs() <= 1e-10 * norm2.max(1.0), "|Rq|^2 {} vs |q|^2 {}", rotated_norm2, norm2);
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// CUDA (skipped without a GPU; a failure under FAPE_TEST_CUDA=1)
+
+/// The CUDA device with poisoned outputs, or `None` after printing a skip.
+#[cfg(feature = "cuda")]
+fn cuda_or_skip(test: &str) -> Option<fape_kernels::backend::cuda::CudaDevice> {
+    match fape_kernels::testing::device_or_skip(test, fape_kernels::DeviceKind::Cuda)? {
+        Device::Cuda(d) => Some(d),
+        other => panic!("{test}: opening CUDA gave {other:?}"),
+    }
+}
+
+/// `(B,H,Lq,Lk,D)` around the kernels' tiles (64 query rows / 64 keys on tensor cores, 16 / 32
+/// in f32): single rows, exact multiples, one past, Lq != Lk both ways.
+#[cfg(feature = "cuda")]
+const CUDA_SHAPES: [(usize, usize, usize, usize, usize); 7] = [
+    (1, 1, 1, 1, 64),
+    (2, 3, 37, 53, 64),
+    (1, 2, 100, 77, 128),
+    (1, 1, 64, 64, 64),
+    (1, 2, 65, 129, 128),
+    (2, 1, 1, 300, 128),
+    (1, 1, 130, 17, 64),
+];
+
+/// A random case in `T` with norms and FLUX RoPE when `extras`.
+#[cfg(feature = "cuda")]
+fn cuda_case<T: Real>(seed: u64, (b, h, lq, lk, d): (usize, usize, usize, usize, usize), extras: bool) -> Owned<T> {
+    let case = random_case::<T>(seed, dims(b, h, lq, lk, d), extras, extras);
+    if extras {
+        case.with_rope(lq.max(lk), flux_angle(d))
+    } else {
+        case
+    }
+}
+
+#[cfg(feature = "cuda")]
+fn cuda_flash_matches_reference<T: attention::AttentionElement>(test: &str, tolerance: f64) {
+    let Some(device) = cuda_or_skip(test) else { return };
+    for (i, &shape) in CUDA_SHAPES.iter().enumerate() {
+        for extras in [false, true] {
+            let case = cuda_case::<T>(40 + i as u64, shape, extras);
+            let mut run = attention::CudaAttention::new(&device, &case.inputs(), &AttentionConfig::default())
+                .unwrap_or_else(|e| panic!("{test}: {e}"));
+            run.flash().unwrap_or_else(|e| panic!("{test}: {e}"));
+            let got = run.output().unwrap_or_else(|e| panic!("{test}: {e}"));
+            let what = format!("{test} {} {shape:?} norms+rope={extras}", T::DTYPE);
+            assert_close(&what, &got.data, &reference_out(&case).data, tolerance);
+        }
+    }
+}
+
+#[cfg(feature = "cuda")]
+#[test]
+fn cuda_flash_bf16_matches_reference() {
+    cuda_flash_matches_reference::<half::bf16>("cuda_flash_bf16_matches_reference", attention::TOLERANCE_BF16);
+}
+
+#[cfg(feature = "cuda")]
+#[test]
+fn cuda_flash_f16_matches_reference() {
+    cuda_flash_matches_reference::<half::f16>("cuda_flash_f16_matches_reference", attention::TOLERANCE_BF16);
+}
+
+#[cfg(feature = "cuda")]
+#[test]
+fn cuda_flash_f32_matches_reference() {
+    cuda_flash_matches_reference::<f32>("cuda_flash_f32_matches_reference", TOLERANCE_F32);
+}
+
+/// The naive cuBLAS baseline in f32 is a second GPU reference: it matches the f64 reference,
+/// and the bf16 tensor-core kernel matches it.
+#[cfg(feature = "cuda")]
+#[test]
+fn cuda_naive_baseline_is_a_second_reference() {
+    let test = "cuda_naive_baseline_is_a_second_reference";
+    let Some(device) = cuda_or_skip(test) else { return };
+    let shape = (1, 3, 150, 211, 128);
+    let case = cuda_case::<f32>(7, shape, true);
+    let config = AttentionConfig::default();
+    let mut naive = attention::CudaAttention::new(&device, &case.inputs(), &config).expect("upload");
+    naive.naive().expect("naive");
+    let naive_out = naive.output().expect("naive output");
+    assert_close(test, &naive_out.data, &reference_out(&case).data, TOLERANCE_F32);
+
+    let bf16_case = cuda_case::<half::bf16>(7, shape, true);
+    let mut flash = attention::CudaAttention::new(&device, &bf16_case.inputs(), &config).expect("upload");
+    flash.flash().expect("flash");
+    let flash_out = flash.output().expect("flash output");
+    let naive_f64: Vec<f64> = naive_out.data.iter().map(|&x| f64::from(x)).collect();
+    assert_close(&format!("{test}: bf16 flash vs f32 naive"), &flash_out.data, &naive_f64, attention::TOLERANCE_BF16);
+}
+
+/// Scores of order 1e4 stay finite on tensor cores (no RoPE: see `attention::check`).
+#[cfg(feature = "cuda")]
+#[test]
+fn cuda_huge_scores_stay_finite() {
+    let test = "cuda_huge_scores_stay_finite";
+    let Some(device) = cuda_or_skip(test) else { return };
+    let mut case = cuda_case::<f32>(9, (1, 2, 70, 90, 64), false);
+    for x in case.q.data.iter_mut().chain(case.k.data.iter_mut()) {
+        *x *= 200.0;
+    }
+    let case = Owned {
+        q: case.q.map(|&x| half::bf16::from_f32(x)),
+        k: case.k.map(|&x| half::bf16::from_f32(x)),
+        v: case.v.map(|&x| half::bf16::from_f32(x)),
+        q_norm: None,
+        k_norm: None,
+        rope_cos: None,
+        rope_sin: None,
+    };
+    let got = attention::attention_typed(&Device::Cuda(device), &case.inputs(), &AttentionConfig::default())
+        .expect("attention");
+    assert!(got.data.iter().all(|x| x.is_finite()), "{test}: non-finite output");
+    assert_close(test, &got.data, &reference_out(&case).data, attention::TOLERANCE_BF16);
+}
+
+/// Head dimensions without a tensor-core instantiation are a typed error in bf16, and run in f32.
+#[cfg(feature = "cuda")]
+#[test]
+fn cuda_other_head_dims() {
+    let test = "cuda_other_head_dims";
+    let Some(device) = cuda_or_skip(test) else { return };
+    let device = Device::Cuda(device);
+    let bf16_case = cuda_case::<half::bf16>(11, (1, 2, 20, 30, 96), true);
+    match attention::attention_typed(&device, &bf16_case.inputs(), &AttentionConfig::default()) {
+        Err(FapeError::Unsupported { what, .. }) => assert!(what.contains("D = 96"), "{what}"),
+        other => panic!("{test}: expected Unsupported, got {:?}", other.map(|_| ())),
+    }
+    let f32_case = cuda_case::<f32>(11, (1, 2, 20, 30, 96), true);
+    let got = attention::attention(&device, &f32_case.inputs(), &AttentionConfig::default()).expect("f32 D=96");
+    assert_close(test, &got.data, &reference_out(&f32_case).data, TOLERANCE_F32);
+}

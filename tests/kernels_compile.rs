@@ -205,3 +205,64 @@ ptxas info    : Compile time = 33.618 ms";
     assert_eq!(stats[1].registers, Some(34));
     assert_eq!((stats[1].stack, stats[1].spill_stores, stats[1].spill_loads), (0, 0, 0));
 }
+
+fn find_tool(name: &str) -> Option<PathBuf> {
+    let path = std::env::var_os("PATH")?;
+    std::env::split_paths(&path).map(|dir| dir.join(name)).find(|p| p.is_file())
+}
+
+/// The attention flash kernels run on tensor cores: their PTX has mma.sync m16n8k16, ldmatrix
+/// (plain and .trans) and cp.async for sm_80 and sm_90a, and where `cuobjdump` is on PATH
+/// (wheels `nvidia-cuda-cuobjdump` and `nvidia-cuda-nvdisasm`), the SASS ptxas makes of each has HMMA and LDSM. Without
+/// cuobjdump only the PTX is checked (a printed note, not a skip).
+#[test]
+fn attention_flash_kernels_use_tensor_cores() {
+    if let Some(reason) = nvrtc_missing() {
+        return skip(&reason);
+    }
+    let (file, source) =
+        KERNEL_SOURCES.iter().copied().find(|(f, _)| *f == "attention.cu").expect("attention.cu listed");
+    let flash: Vec<String> =
+        ["bf16", "f16"].iter().flat_map(|t| [64, 128].map(|d| format!("attention_flash_{t}_d{d}"))).collect();
+    // cuobjdump -sass runs nvdisasm.
+    let tools = find_ptxas().zip(find_tool("cuobjdump")).filter(|_| find_tool("nvdisasm").is_some());
+    if tools.is_none() {
+        println!(
+            "NOTE attention_flash_kernels_use_tensor_cores: ptxas, cuobjdump or nvdisasm not on PATH; PTX checked only"
+        );
+    }
+    for &arch in ARCHS {
+        let ptx = compile_ptx(file, source, arch).unwrap_or_else(|e| panic!("{e}")).to_src();
+        for needle in [
+            "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32",
+            "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32",
+            "ldmatrix.sync.aligned.m8n8.x4.shared.b16",
+            "ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16",
+            "cp.async.cg.shared.global",
+        ] {
+            assert!(ptx.contains(needle), "{file}/{arch}: PTX lacks `{needle}`");
+        }
+        let Some((ptxas, cuobjdump)) = &tools else { continue };
+        let dir = std::env::temp_dir().join(format!("fape-kernels-sass-{}-{arch}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        let (input, cubin) = (dir.join("attention.ptx"), dir.join("attention.cubin"));
+        std::fs::write(&input, ptx.trim_end_matches('\0')).expect("write ptx");
+        let status = Command::new(ptxas).arg(format!("-arch={arch}")).arg(&input).arg("-o").arg(&cubin).status();
+        assert!(status.expect("run ptxas").success(), "ptxas failed on {file} for {arch}");
+        for kernel in &flash {
+            let out =
+                Command::new(cuobjdump).arg("-sass").arg("-fun").arg(kernel).arg(&cubin).output().expect("cuobjdump");
+            let sass = String::from_utf8_lossy(&out.stdout);
+            assert!(
+                out.status.success(),
+                "cuobjdump failed on {kernel}/{arch}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            let count = |op: &str| sass.lines().filter(|l| l.contains(op)).count();
+            let (hmma, ldsm) = (count("HMMA"), count("LDSM"));
+            println!("{kernel} {arch}: {hmma} HMMA, {ldsm} LDSM in the SASS");
+            assert!(hmma > 0 && ldsm > 0, "{kernel}/{arch}: SASS has {hmma} HMMA and {ldsm} LDSM");
+        }
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}

@@ -1,7 +1,15 @@
 //! Attention's rows of `fape check`: seeded random inputs at awkward shapes, with and without
-//! norms and RoPE, plus a case whose scores are ~1e4 (the softmax must stay stable).
+//! norms and RoPE, plus a case whose scores are ~1e4 (the softmax must stay stable); each in f32
+//! and in bf16 (the reference reads the same bf16 values the backend got).
+//!
+//! The bf16 huge-score case has no RoPE: a bf16 backend rounds the rotated `q` and `k` to bf16
+//! before the product (as every bf16 attention does), which at scores of 1e4 moves them by
+//! O(10) and legitimately reorders a near-arg-max softmax; the f32 huge case keeps RoPE.
 
-use super::{attention, reference, rope_tables, AttentionConfig, AttentionInputs, OP, TOLERANCE_F32};
+use super::{
+    attention_typed, reference, rope_tables, AttentionConfig, AttentionElement, AttentionInputs, OP, TOLERANCE_BF16,
+    TOLERANCE_F32,
+};
 use crate::backend::Device;
 use crate::check::{CaseSet, CheckRow};
 use crate::error::Result;
@@ -31,11 +39,13 @@ struct Case {
     rope: bool,
     /// The factor on `q` and `k`, whose elements are otherwise in `[-1,1)`.
     magnitude: f32,
+    /// Run in bf16 (else f32).
+    bf16: bool,
 }
 
 impl Case {
     fn plain(shape: [usize; 5], norms_and_rope: bool) -> Self {
-        Self { shape, norms: norms_and_rope, rope: norms_and_rope, magnitude: 1.0 }
+        Self { shape, norms: norms_and_rope, rope: norms_and_rope, magnitude: 1.0, bf16: false }
     }
 
     /// The shape column of the check table, such as `2x3x37x53x64 norm+rope`.
@@ -51,24 +61,29 @@ impl Case {
     }
 }
 
-/// The cases of `set`, in table order.
+/// The cases of `set`, in table order: the f32 cases, then the same in bf16.
 fn cases(set: CaseSet) -> Vec<Case> {
-    let mut cases: Vec<Case> =
+    let mut f32_cases: Vec<Case> =
         DEFAULT_SHAPES.iter().flat_map(|&shape| [Case::plain(shape, false), Case::plain(shape, true)]).collect();
-    cases.push(Case { rope: true, magnitude: HUGE, ..Case::plain(DEFAULT_SHAPES[1], false) });
+    f32_cases.push(Case { rope: true, magnitude: HUGE, ..Case::plain(DEFAULT_SHAPES[1], false) });
+    let mut bf16_cases: Vec<Case> =
+        f32_cases.iter().map(|c| Case { bf16: true, rope: c.rope && c.magnitude == 1.0, ..*c }).collect();
     if set == CaseSet::Large {
-        cases.extend(LARGE_SHAPES.iter().map(|&shape| Case::plain(shape, true)));
+        f32_cases.extend(LARGE_SHAPES.iter().map(|&shape| Case::plain(shape, true)));
+        let large = LARGE_SHAPES.iter().flat_map(|&shape| [Case::plain(shape, false), Case::plain(shape, true)]);
+        bf16_cases.extend(large.map(|c| Case { bf16: true, ..c }));
     }
-    cases
+    f32_cases.extend(bf16_cases);
+    f32_cases
 }
 
 /// Owned random inputs of one case.
-struct CaseData {
-    q: Tensor<f32>,
-    k: Tensor<f32>,
-    v: Tensor<f32>,
-    norms: Option<(Tensor<f32>, Tensor<f32>)>,
-    rope: Option<(Tensor<f32>, Tensor<f32>)>,
+struct CaseData<T = f32> {
+    q: Tensor<T>,
+    k: Tensor<T>,
+    v: Tensor<T>,
+    norms: Option<(Tensor<T>, Tensor<T>)>,
+    rope: Option<(Tensor<T>, Tensor<T>)>,
 }
 
 impl CaseData {
@@ -89,7 +104,22 @@ impl CaseData {
         Ok(Self { q, k, v, norms, rope })
     }
 
-    fn inputs(&self) -> AttentionInputs<'_, f32> {
+    /// The same data rounded to `T` (a copy for f32).
+    fn to<T: AttentionElement>(&self) -> CaseData<T> {
+        let cast = |t: &Tensor<f32>| t.map(|&x| T::from_f64(f64::from(x)));
+        let pair = |p: &Option<(Tensor<f32>, Tensor<f32>)>| p.as_ref().map(|(a, b)| (cast(a), cast(b)));
+        CaseData {
+            q: cast(&self.q),
+            k: cast(&self.k),
+            v: cast(&self.v),
+            norms: pair(&self.norms),
+            rope: pair(&self.rope),
+        }
+    }
+}
+
+impl<T> CaseData<T> {
+    fn inputs(&self) -> AttentionInputs<'_, T> {
         AttentionInputs {
             q_norm: self.norms.as_ref().map(|(w, _)| w.view()),
             k_norm: self.norms.as_ref().map(|(_, w)| w.view()),
@@ -106,19 +136,27 @@ pub(crate) fn check_rows(device: &Device, cases_set: CaseSet) -> Vec<CheckRow> {
 }
 
 fn check_case(device: &Device, case: &Case, seed: u64) -> CheckRow {
+    if case.bf16 {
+        check_typed::<half::bf16>(device, case, seed, TOLERANCE_BF16)
+    } else {
+        check_typed::<f32>(device, case, seed, TOLERANCE_F32)
+    }
+}
+
+/// One row: the case's data rounded to `T`, run on `device`, against the reference on the same
+/// `T` values.
+fn check_typed<T: AttentionElement>(device: &Device, case: &Case, seed: u64, tolerance: f64) -> CheckRow {
     let op = format!("{OP}.out");
     let config = AttentionConfig::default();
-    let run = || -> Result<(Tensor<f32>, Tensor<f64>)> {
-        let data = CaseData::generate(case, seed)?;
-        let got = attention(device, &data.inputs(), &config)?;
+    let run = || -> Result<(Tensor<T>, Tensor<f64>)> {
+        let data = CaseData::generate(case, seed)?.to::<T>();
+        let got = attention_typed(device, &data.inputs(), &config)?;
         let expected = reference::attention(&data.inputs(), &config)?;
         Ok((got, expected))
     };
     match run() {
-        Ok((got, expected)) => {
-            CheckRow::compared(op, device, case.spelling(), &got.data, &expected.data, TOLERANCE_F32)
-        }
-        Err(err) => CheckRow::errored(op, device, "f32", case.spelling(), err),
+        Ok((got, expected)) => CheckRow::compared(op, device, case.spelling(), &got.data, &expected.data, tolerance),
+        Err(err) => CheckRow::errored(op, device, T::DTYPE, case.spelling(), err),
     }
 }
 

@@ -13,19 +13,32 @@
 //!   rows `0..Lq`, `k` rows `0..Lk`; `v` is not rotated. `D` must be even.
 //! * `scale` defaults to `1/sqrt(D)`.
 //!
-//! The exact f64 contract is [`reference::attention`]; [`attention`] runs it on a [`Device`].
+//! The exact f64 contract is [`reference::attention`]; [`attention`] runs it on a [`Device`] in
+//! f32 and [`attention_typed`] in f32, bf16 or f16. On CUDA, `CudaAttention` keeps the inputs on
+//! the device for repeated runs of the flash kernel and of the naive cuBLAS baseline (benches);
+//! `crate::candle_ops::attention` is the candle op.
 
+pub(crate) mod candle;
 mod check;
 mod cpu;
 #[cfg(feature = "cube")]
 mod cube;
+#[cfg(feature = "cuda")]
+mod cuda;
+#[cfg(feature = "cuda")]
+mod naive;
 pub mod reference;
 
 pub(crate) use check::check_rows;
+#[cfg(feature = "cuda")]
+pub use cuda::{CudaAttention, TENSOR_CORE_HEAD_DIMS};
+
+use std::any::TypeId;
+use std::borrow::Cow;
 
 use crate::backend::Device;
 use crate::error::{config_error, FapeError, Result};
-use crate::tensor::{expect_nonempty, expect_shape, Tensor, View};
+use crate::tensor::{expect_nonempty, expect_shape, Real, Tensor, View};
 
 /// The op's name in errors and in the check table.
 pub const OP: &str = "attention";
@@ -42,10 +55,43 @@ pub const RMS_EPS: f64 = 1e-6;
 /// The base of the RoPE frequencies [`rope_tables`] uses.
 pub const ROPE_THETA: f64 = 10_000.0;
 
-/// Why GPU backends reject the op for now.
-#[cfg(any(feature = "cube", feature = "cuda"))]
-#[cfg(feature = "cuda")]
-const GPU_PENDING: &str = "the CUDA attention kernels land with issue #5";
+/// An element type attention runs in: f32, bf16 or f16 (sealed).
+///
+/// On CUDA, bf16 and f16 run the tensor-core flash kernel (16-bit operands, f32 accumulation,
+/// head dimensions [`TENSOR_CORE_HEAD_DIMS`]) and f32 the f32 flash kernel; the host backends
+/// compute in f32 (widening 16-bit inputs) and round the output to the element type.
+pub trait AttentionElement: Real + bytemuck::Pod + private::Sealed {
+    /// Whether the CUDA backend runs this type on tensor cores.
+    const TENSOR_CORES: bool;
+    /// The 16- or 32-bit pattern the CUDA kernels read and write (`u16` for bf16/f16).
+    #[cfg(feature = "cuda")]
+    type Bits: cudarc::driver::DeviceRepr + cudarc::driver::ValidAsZeroBits + bytemuck::Pod + Unpin;
+}
+
+mod private {
+    pub trait Sealed {}
+    impl Sealed for f32 {}
+    impl Sealed for half::bf16 {}
+    impl Sealed for half::f16 {}
+}
+
+impl AttentionElement for f32 {
+    const TENSOR_CORES: bool = false;
+    #[cfg(feature = "cuda")]
+    type Bits = f32;
+}
+
+impl AttentionElement for half::bf16 {
+    const TENSOR_CORES: bool = true;
+    #[cfg(feature = "cuda")]
+    type Bits = u16;
+}
+
+impl AttentionElement for half::f16 {
+    const TENSOR_CORES: bool = true;
+    #[cfg(feature = "cuda")]
+    type Bits = u16;
+}
 
 /// Scalar settings of attention.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
@@ -198,23 +244,84 @@ impl<'a, T> AttentionInputs<'a, T> {
 ///
 /// `Device::Reference` runs [`reference::attention`] and rounds to f32; `Device::Cpu` runs the
 /// fast f32 CPU path (rayon over batch, heads and blocks of query rows); `Device::Cube` a
-/// flash-style CubeCL kernel (online softmax over key tiles, norms and RoPE in a pre-pass).
+/// flash-style CubeCL kernel (online softmax over key tiles, norms and RoPE in a pre-pass);
+/// `Device::Cuda` the f32 flash kernel of `kernels/attention.cu` after a norm/RoPE pre-pass.
 ///
 /// # Errors
 /// Shape and config errors as [`AttentionInputs::validate`] and [`AttentionConfig::validate`];
-/// [`FapeError::Unsupported`] on CUDA until its kernel lands (issue #5), and on Cube for head
-/// dimensions whose key/value tile does not fit the adapter's shared memory.
+/// [`FapeError::Unsupported`] on Cube for head dimensions whose key/value tile does not fit the
+/// adapter's shared memory, and on CUDA for `D` > 256; device errors from the GPU backends.
 pub fn attention(device: &Device, inputs: &AttentionInputs<'_, f32>, config: &AttentionConfig) -> Result<Tensor<f32>> {
+    attention_typed(device, inputs, config)
+}
+
+/// Attention on `device` with `T` elements (f32, bf16 or f16) in and out. Shapes as
+/// [`AttentionInputs`]; returns `out` `[B,H,Lq,D]` of `T`.
+///
+/// On CUDA, bf16 and f16 run the tensor-core flash kernel (16-bit operands, f32 accumulation;
+/// q and k pass through the norm/RoPE pre-pass in f32 and are stored as `T`); f32 runs as
+/// [`attention`]. The reference computes in f64, the CPU and Cube backends in f32 (widening
+/// 16-bit inputs on the host); all round the result to `T`.
+///
+/// # Errors
+/// As [`attention`]; on CUDA with bf16/f16, [`FapeError::Unsupported`] when `D` is not one of
+/// [`TENSOR_CORE_HEAD_DIMS`] (64, 128): run f32 or another backend for other head dimensions.
+pub fn attention_typed<T: AttentionElement>(
+    device: &Device,
+    inputs: &AttentionInputs<'_, T>,
+    config: &AttentionConfig,
+) -> Result<Tensor<T>> {
     let dims = inputs.validate()?;
     config.validate()?;
+    let scale = config.scale_for(dims.head_dim);
     match device {
-        Device::Reference => reference::attention(inputs, config).map(|t| t.map(|&v| v as f32)),
-        Device::Cpu => Ok(cpu::attention(inputs, dims, config.scale_for(dims.head_dim))),
+        Device::Reference => reference::attention(inputs, config).map(|t| t.map(|&v| T::from_f64(v))),
+        Device::Cpu => widened(inputs, |wide| Ok(cpu::attention(wide, dims, scale).data)),
         #[cfg(feature = "cube")]
-        Device::Cube(d) => cube::attention(d, inputs, dims, config.scale_for(dims.head_dim))
-            .map(|data| Tensor { data, shape: inputs.q.shape().to_vec() }),
+        Device::Cube(d) => widened(inputs, |wide| cube::attention(d, wide, dims, scale)),
         #[cfg(feature = "cuda")]
-        Device::Cuda(_) => Err(device.unsupported(OP, GPU_PENDING)),
+        Device::Cuda(d) => {
+            let mut run = CudaAttention::new(d, inputs, config)?;
+            run.flash()?;
+            run.output()
+        }
+    }
+}
+
+/// Runs an f32 host backend `run` (returning `out` `[B,H,Lq,D]` as a flat vector) on `inputs`
+/// widened to f32 (borrowed when `T` is f32), and rounds its result to `T`.
+fn widened<T: AttentionElement>(
+    inputs: &AttentionInputs<'_, T>,
+    run: impl FnOnce(&AttentionInputs<'_, f32>) -> Result<Vec<f32>>,
+) -> Result<Tensor<T>> {
+    let (q, k, v) = (widen(inputs.q), widen(inputs.k), widen(inputs.v));
+    let q_norm = inputs.q_norm.map(widen);
+    let k_norm = inputs.k_norm.map(widen);
+    let rope = inputs.rope().map(|(c, s)| (widen(c), widen(s)));
+    // The lengths match `like`'s shape: this cannot fail for validated inputs.
+    fn view<'a, T>(name: &'static str, data: &'a [f32], like: View<'a, T>) -> Result<View<'a, f32>> {
+        View::new(OP, name, data, like.shape())
+    }
+    let mut wide = AttentionInputs::new(view("q", &q, inputs.q)?, view("k", &k, inputs.k)?, view("v", &v, inputs.v)?);
+    if let (Some(w), Some(like)) = (&q_norm, inputs.q_norm) {
+        wide.q_norm = Some(view("q_norm", w, like)?);
+    }
+    if let (Some(w), Some(like)) = (&k_norm, inputs.k_norm) {
+        wide.k_norm = Some(view("k_norm", w, like)?);
+    }
+    if let (Some((c, s)), Some((like_c, like_s))) = (&rope, inputs.rope()) {
+        wide = wide.with_rope(view("rope_cos", c, like_c)?, view("rope_sin", s, like_s)?);
+    }
+    let out = run(&wide)?;
+    Ok(Tensor { data: out.into_iter().map(|x| T::from_f64(f64::from(x))).collect(), shape: inputs.q.shape().to_vec() })
+}
+
+/// The elements of `view` as f32: borrowed when `T` is f32, converted otherwise.
+fn widen<T: AttentionElement>(view: View<'_, T>) -> Cow<'_, [f32]> {
+    if TypeId::of::<T>() == TypeId::of::<f32>() {
+        Cow::Borrowed(bytemuck::cast_slice(view.data()))
+    } else {
+        Cow::Owned(view.data().iter().map(|x| x.to_f64() as f32).collect())
     }
 }
 
