@@ -17,6 +17,7 @@ mod check;
 mod cpu;
 #[cfg(feature = "cube")]
 mod cube;
+mod hints;
 pub mod reference;
 mod spectrum;
 
@@ -28,6 +29,7 @@ use crate::error::{config_error, FapeError, Result};
 use crate::tensor::{expect_nonempty, expect_shape, Tensor, View};
 
 pub(crate) use check::check_rows;
+pub use hints::{band_energies_grey, BT601_LUMA};
 
 /// The op's name in errors and in the check table.
 pub const OP: &str = "freq_split";
