@@ -17,6 +17,8 @@ mod check;
 mod cpu;
 #[cfg(feature = "cube")]
 mod cube;
+#[cfg(feature = "cuda")]
+mod cuda;
 mod hints;
 pub mod reference;
 mod spectrum;
@@ -29,6 +31,8 @@ use crate::error::{config_error, FapeError, Result};
 use crate::tensor::{expect_nonempty, expect_shape, Tensor, View};
 
 pub(crate) use check::check_rows;
+#[cfg(feature = "cuda")]
+pub use cuda::{CudaFftPath, CudaSplitBuffers, MAX_BANDS as CUDA_MAX_BANDS};
 pub use hints::{band_energies_grey, BT601_LUMA};
 
 /// The op's name in errors and in the check table.
@@ -209,18 +213,15 @@ pub(crate) fn output<T>(
     }
 }
 
-/// Why the CUDA backend answers [`FapeError::Unsupported`] for now.
-#[cfg(feature = "cuda")]
-const GPU_PENDING: &str = "the CUDA FFT kernels land with issue #4";
-
 /// The frequency split on `device`. `x`: `[B,C,H,W]` f32 (any `H`, `W` >= 1); returns `low`
 /// and `high` `[B,C,H,W]` and `band_energy` `[B,C,nbands]`, all f32. NaN in `x` propagates to
 /// its image's outputs.
 ///
 /// # Errors
 /// [`FapeError::Shape`] naming `x` when it is empty or not rank 4; [`FapeError::Config`] as
-/// [`FreqSplitConfig::validate`]; [`FapeError::Unsupported`] on CUDA until its FFT kernels land
-/// (issue #4), and on Cube for extents past 32-bit indexing.
+/// [`FreqSplitConfig::validate`]; [`FapeError::Unsupported`] on CUDA beyond [`CUDA_MAX_BANDS`]
+/// bands or, for sizes other than powers of two up to 4096, without libcufft, and on Cube and
+/// CUDA for extents past 32-bit indexing.
 pub fn freq_split(device: &Device, x: View<'_, f32>, config: &FreqSplitConfig) -> Result<FreqSplitOutput<f32>> {
     let dims = validate(&x, config)?;
     match device {
@@ -229,6 +230,6 @@ pub fn freq_split(device: &Device, x: View<'_, f32>, config: &FreqSplitConfig) -
         #[cfg(feature = "cube")]
         Device::Cube(d) => cube::freq_split(d, x, dims, config),
         #[cfg(feature = "cuda")]
-        Device::Cuda(_) => Err(device.unsupported(OP, GPU_PENDING)),
+        Device::Cuda(d) => cuda::freq_split(d, x, dims, config),
     }
 }
