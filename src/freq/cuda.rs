@@ -522,6 +522,31 @@ impl CudaSplitBuffers {
         )
     }
 
+    /// The GPU time of one split through `path`: `reps` splits enqueued back to back between
+    /// two CUDA events on `device`'s stream, their elapsed time divided by `reps` (so launch
+    /// overheads overlap execution as in a pipeline, and no host sync is timed).
+    ///
+    /// # Errors
+    /// As [`CudaSplitBuffers::run`]; [`FapeError::Device`] when an event call fails.
+    pub fn time_runs(
+        &mut self,
+        device: &CudaDevice,
+        config: &FreqSplitConfig,
+        path: CudaFftPath,
+        reps: usize,
+    ) -> Result<std::time::Duration> {
+        let reps = reps.max(1);
+        let stream = device.stream();
+        let timing = Some(cu::CUevent_flags::CU_EVENT_DEFAULT);
+        let start = stream.record_event(timing).map_err(dev_err("recording the start event"))?;
+        for _ in 0..reps {
+            self.run(device, config, path)?;
+        }
+        let end = stream.record_event(timing).map_err(dev_err("recording the end event"))?;
+        let ms = start.elapsed_ms(&end).map_err(dev_err("reading the elapsed time (or a kernel failed)"))?;
+        Ok(std::time::Duration::from_secs_f64(f64::from(ms) * 1e-3 / reps as f64))
+    }
+
     /// Waits for the splits enqueued on `device`'s stream.
     ///
     /// # Errors
