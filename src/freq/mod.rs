@@ -13,6 +13,7 @@
 //!   the last band closed at its top, so with edges covering `[0,1]` the bands sum to
 //!   `sum x^2` (Parseval).
 
+pub(crate) mod candle;
 mod check;
 mod cpu;
 #[cfg(feature = "cube")]
@@ -28,7 +29,7 @@ use std::str::FromStr;
 
 use crate::backend::Device;
 use crate::error::{config_error, FapeError, Result};
-use crate::tensor::{expect_nonempty, expect_shape, Tensor, View};
+use crate::tensor::{Tensor, View};
 
 pub(crate) use check::check_rows;
 #[cfg(feature = "cuda")]
@@ -191,11 +192,25 @@ impl FreqDims {
 
 /// Validates `x` (`[B,C,H,W]`, non-empty) and `config`; returns the extents.
 pub(crate) fn validate<T>(x: &View<'_, T>, config: &FreqSplitConfig) -> Result<FreqDims> {
-    expect_shape(OP, "x", x, "[B,C,H,W]", &[None; 4])?;
-    expect_nonempty(OP, "x", x)?;
+    validate_shape(x.shape(), config)
+}
+
+/// Validates the shape of `x` (`[B,C,H,W]`, non-empty) and `config`; returns the extents.
+pub(crate) fn validate_shape(shape: &[usize], config: &FreqSplitConfig) -> Result<FreqDims> {
+    let shape_error = |expected: &str| FapeError::Shape {
+        op: OP,
+        tensor: "x",
+        expected: expected.to_string(),
+        actual: shape.to_vec(),
+    };
+    let &[b, c, h, w] = shape else {
+        return Err(shape_error("[B,C,H,W]"));
+    };
+    if shape.iter().product::<usize>() == 0 {
+        return Err(shape_error("at least one element"));
+    }
     config.validate()?;
-    let s = x.shape();
-    Ok(FreqDims { images: s[0] * s[1], height: s[2], width: s[3] })
+    Ok(FreqDims { images: b * c, height: h, width: w })
 }
 
 /// Assembles the output tensors from flat buffers; `shape` is `x`'s `[B,C,H,W]`.
