@@ -21,9 +21,10 @@
 //    C2R, and high = x - low after them (any size).
 //  - freq_energy_reduce_f32: per-image band energies from per-block f64 partials.
 //
-// FFTs: in-place radix-2 decimation in time in shared memory (bit-reversal permutation, then
-// log2 n butterfly stages, one barrier each), twiddles exp(-2 pi i k / n) from a per-block
-// table filled with sincospif (exact power-of-two arguments). Two real rows are transformed
+// FFTs: in-place decimation in time in shared memory (bit-reversal permutation, then radix-8
+// passes of three radix-2 stages each in registers, one barrier per pass, and a radix-4 or -2
+// pass for the rest), twiddles exp(-2 pi i k / n) from a per-block table filled with sincospif
+// (exact power-of-two arguments). Two real rows are transformed
 // as one complex row (x[2p] + i x[2p+1]) and separated afterwards, and the inverse packs two
 // Hermitian half-rows the same way.
 
@@ -42,16 +43,27 @@ struct SpectralParams {
 
 __device__ __forceinline__ float2 cmul_real(float2 a, float s) { return make_float2(a.x * s, a.y * s); }
 
-// numpy.fft.fftfreq(n)[k] exactly as spectrum.rs: signed index times (1/n), in f64.
-__device__ __forceinline__ double fftfreq(int n, int k) {
+// numpy.fft.fftfreq(n)[k] exactly as spectrum.rs: the signed index times inv_n = RN(1 / n),
+// in f64.
+__device__ __forceinline__ double fftfreq(int n, int k, double inv_n) {
     const int positive = (n + 1) / 2;
     const double s = k < positive ? (double)k : (double)k - (double)n;
-    return __dmul_rn(s, __ddiv_rn(1.0, (double)n));
+    return __dmul_rn(s, inv_n);
 }
 
-// rho = sqrt(fy^2 + fx^2) / sqrt(0.5), rounded as spectrum.rs rounds it.
-__device__ __forceinline__ double rho_of(double fy, double fx) {
+// rho = sqrt(fy^2 + fx^2) / sqrt(0.5) of a bin, exact where it matters: f32 from the exactly
+// rounded fy^2 + fx^2 (relative error below 2e-7), recomputed in f64 exactly as spectrum.rs
+// rounds it (sqrt(s) / sqrt(0.5), each correctly rounded) when the f32 value lies within 1e-6
+// (relative) of an edge or, for the hard mask, of the cutoff. Every decision taken on it (the
+// band, the hard mask's side) is therefore the reference's, while most bins skip the f64
+// square root and division.
+__device__ __forceinline__ double rho_of(double fy, double fx, const SpectralParams& p) {
     const double s = __dadd_rn(__dmul_rn(fy, fy), __dmul_rn(fx, fx));
+    const float approx = sqrtf(2.0f * (float)s);
+    const float margin = 1e-6f * approx + 1e-30f;
+    bool near = !p.gaussian && fabsf(approx - (float)p.cutoff) <= margin;
+    for (int i = 0; i < p.nedges; ++i) near |= fabsf(approx - (float)p.edges[i]) <= margin;
+    if (!near) return (double)approx;
     return __ddiv_rn(__dsqrt_rn(s), __dsqrt_rn(0.5));
 }
 
@@ -71,11 +83,11 @@ __device__ __forceinline__ float mask_of(const SpectralParams& p, double rho) {
     return rho <= p.cutoff ? 1.0f : 0.0f;
 }
 
-// Masks bin (ky, kx) of an H x W image's half-spectrum in place, scaled by `scale`, and adds
+// Masks bin (ky, kx) of an H x W image's half-spectrum (inv_h, inv_w = RN(1/h), RN(1/w)) in place, scaled by `scale`, and adds
 // its Hermitian-weighted energy to this thread's slot `acc[band * FS_THREADS + tid]`.
-__device__ __forceinline__ void mask_bin(float2* v, int ky, int kx, int h, int w, float scale,
-                                         const SpectralParams& p, float* acc) {
-    const double rho = rho_of(fftfreq(h, ky), fftfreq(w, kx));
+__device__ __forceinline__ void mask_bin(float2* v, int ky, int kx, int h, int w, double inv_h, double inv_w,
+                                         float scale, const SpectralParams& p, float* acc) {
+    const double rho = rho_of(fftfreq(h, ky, inv_h), fftfreq(w, kx, inv_w), p);
     const int band = band_of(p, rho);
     const float2 x = *v;
     if (band >= 0) {
@@ -116,11 +128,55 @@ __device__ __forceinline__ void fill_twiddles(float2* tw, int log2n) {
     }
 }
 
+// One radix-2^LOGR pass of the in-place decimation-in-time FFT: stages stage .. stage+LOGR-1
+// at once. Each item owns R = 2^LOGR points of one line, base + pos + j m (j < R, m =
+// 2^stage, base a multiple of m R, pos < m), which those stages combine only among themselves;
+// it loads them, runs the LOGR radix-2 stages in registers (stage stage+q pairs j and j + 2^q
+// with twiddle tw[p << (log2n - 1 - stage - q)], p = pos + (j mod 2^q) m its position in the
+// 2^(stage+q+1)-point block) and stores them back. Addressing as in fft_lines.
+template <int LOGR>
+__device__ __forceinline__ void radix_pass(float2* s, const float2* tw, int lines, int log2n, int line_stride,
+                                           int elem_stride, int stage, bool inverse, bool lines_fastest) {
+    constexpr int R = 1 << LOGR;
+    const int m = 1 << stage;
+    const int group_shift = log2n - LOGR;
+    const int groups = 1 << group_shift;
+    const int items = lines << group_shift;
+    for (int t = threadIdx.x; t < items; t += FS_THREADS) {
+        const int l = lines_fastest ? t % lines : t >> group_shift;
+        const int g = lines_fastest ? t / lines : t & (groups - 1);
+        const int pos = g & (m - 1);
+        float2* p0 = s + l * line_stride + (((g - pos) << LOGR) + pos) * elem_stride;
+        const int step = m * elem_stride;
+        float2 v[R];
+#pragma unroll
+        for (int j = 0; j < R; ++j) v[j] = p0[j * step];
+#pragma unroll
+        for (int q = 0; q < LOGR; ++q) {
+            const int half = 1 << q;
+#pragma unroll
+            for (int j = 0; j < R; ++j) {
+                if (j & half) continue;
+                float2 w = tw[(pos + (j & (half - 1)) * m) << (log2n - 1 - stage - q)];
+                if (inverse) w.y = -w.y;
+                const float2 a = v[j], b = v[j + half];
+                const float2 tb = make_float2(w.x * b.x - w.y * b.y, w.x * b.y + w.y * b.x);
+                v[j] = make_float2(a.x + tb.x, a.y + tb.y);
+                v[j + half] = make_float2(a.x - tb.x, a.y - tb.y);
+            }
+        }
+#pragma unroll
+        for (int j = 0; j < R; ++j) p0[j * step] = v[j];
+    }
+}
+
 // In-place FFT of `lines` lines of n = 2^log2n points in shared memory: element j of line l is
 // s[l * line_stride + j * elem_stride]. Forward uses tw (see fill_twiddles), inverse its
-// conjugate; no 1/n scale. With `lines_fastest` consecutive threads take consecutive lines
-// (for column layouts), else consecutive points of one line (row layouts). Every thread of
-// the block calls it after a barrier that published the data and tw; it ends with a barrier.
+// conjugate; no 1/n scale. A bit-reversal permutation, then radix-8 passes (three stages per
+// pass, one barrier each) and one radix-4 or radix-2 pass for the remaining stages. With
+// `lines_fastest` consecutive threads take consecutive lines (for column layouts), else
+// consecutive groups of one line (row layouts). Every thread of the block calls it after a
+// barrier that published the data and tw; it ends with a barrier (none when n = 1).
 __device__ void fft_lines(float2* s, const float2* tw, int lines, int log2n, int line_stride, int elem_stride,
                           bool inverse, bool lines_fastest) {
     if (log2n == 0) return;
@@ -139,25 +195,16 @@ __device__ void fft_lines(float2* s, const float2* tw, int lines, int log2n, int
         }
     }
     __syncthreads();
-    const int half = n >> 1;
-    const int butterflies = lines * half;
-    for (int stage = 0; stage < log2n; ++stage) {
-        const int m = 1 << stage;
-        const int tw_shift = log2n - 1 - stage;
-        for (int t = threadIdx.x; t < butterflies; t += FS_THREADS) {
-            const int l = lines_fastest ? t % lines : t >> (log2n - 1);
-            const int b = lines_fastest ? t / lines : t & (half - 1);
-            const int pos = b & (m - 1);
-            const int ia = ((b - pos) << 1) + pos;
-            float2 w = tw[pos << tw_shift];
-            if (inverse) w.y = -w.y;
-            float2* pa = s + l * line_stride + ia * elem_stride;
-            float2* pb = pa + m * elem_stride;
-            const float2 a = *pa, bv = *pb;
-            const float2 tb = make_float2(w.x * bv.x - w.y * bv.y, w.x * bv.y + w.y * bv.x);
-            *pa = make_float2(a.x + tb.x, a.y + tb.y);
-            *pb = make_float2(a.x - tb.x, a.y - tb.y);
-        }
+    int stage = 0;
+    for (; log2n - stage >= 3; stage += 3) {
+        radix_pass<3>(s, tw, lines, log2n, line_stride, elem_stride, stage, inverse, lines_fastest);
+        __syncthreads();
+    }
+    if (log2n - stage == 2) {
+        radix_pass<2>(s, tw, lines, log2n, line_stride, elem_stride, stage, inverse, lines_fastest);
+        __syncthreads();
+    } else if (log2n - stage == 1) {
+        radix_pass<1>(s, tw, lines, log2n, line_stride, elem_stride, stage, inverse, lines_fastest);
         __syncthreads();
     }
 }
@@ -225,8 +272,9 @@ extern "C" __global__ void __launch_bounds__(FS_THREADS)
     fft_lines(spec, tw_h, wh, log2h, 1, wh, false, true);
 
     const float inv_pixels = 1.0f / (float)(h * w);
+    const double inv_h = __ddiv_rn(1.0, (double)h), inv_w = __ddiv_rn(1.0, (double)w);
     for (int i = threadIdx.x; i < h * wh; i += FS_THREADS) {
-        mask_bin(spec + i, i / wh, i % wh, h, w, inv_pixels, p, acc);
+        mask_bin(spec + i, i / wh, i % wh, h, w, inv_h, inv_w, inv_pixels, p, acc);
     }
     __syncthreads();
     float* ei = energy + image * nbands;
@@ -317,9 +365,10 @@ extern "C" __global__ void __launch_bounds__(FS_THREADS)
     __syncthreads();
     fft_lines(tile, tw, lines, log2h, 1, cols, false, true);
     const float inv_pixels = 1.0f / (float)(h * w);
+    const double inv_h = __ddiv_rn(1.0, (double)h), inv_w = __ddiv_rn(1.0, (double)w);
     for (int i = threadIdx.x; i < h * lines; i += FS_THREADS) {
         const int ky = i / lines, c = i % lines;
-        mask_bin(tile + ky * cols + c, ky, first + c, h, w, inv_pixels, p, acc);
+        mask_bin(tile + ky * cols + c, ky, first + c, h, w, inv_h, inv_w, inv_pixels, p, acc);
     }
     __syncthreads();
     double* out = partial + (image * gridDim.x + blockIdx.x) * nbands;
@@ -388,8 +437,9 @@ extern "C" __global__ void __launch_bounds__(FS_THREADS)
     zero_slots(acc, nbands);
     __syncthreads();
     const float inv_pixels = (float)(1.0 / ((double)h * (double)w));
+    const double inv_h = __ddiv_rn(1.0, (double)h), inv_w = __ddiv_rn(1.0, (double)w);
     for (long long i = first + threadIdx.x; i < last; i += FS_THREADS) {
-        mask_bin(si + i, (int)(i / wh), (int)(i % wh), h, w, inv_pixels, p, acc);
+        mask_bin(si + i, (int)(i / wh), (int)(i % wh), h, w, inv_h, inv_w, inv_pixels, p, acc);
     }
     __syncthreads();
     double* out = partial + (image * gridDim.x + blockIdx.x) * nbands;

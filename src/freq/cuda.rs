@@ -15,7 +15,8 @@
 //!   `low`, the `1/(H W)` being folded into the mask), then `high = x - low`.
 //!   [`CudaFftPath::Cufft`] forces it: the benchmark's "cufft+mask" baseline.
 //!
-//! Precision: the FFTs are f32 radix-2 with twiddles from `sincospif` (about `eps log2 n`
+//! Precision: the FFTs are f32 decimation in time (radix-8 passes, one radix-4 or -2 pass for
+//! the rest) with twiddles from `sincospif` (about `eps log2 n`
 //! relative error); each thread sums its bins' `|X|^2` per band in f32 (a few dozen terms at
 //! most), blocks add their threads' sums in f64 in a fixed order, and per-block partials are
 //! added in f64 in block order, so the band energies are deterministic and carry only the f32
