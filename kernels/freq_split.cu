@@ -128,6 +128,11 @@ __device__ __forceinline__ void fill_twiddles(float2* tw, int log2n) {
     }
 }
 
+// j with its low log2n bits reversed (0 when n = 1).
+__device__ __forceinline__ int bit_reverse(int j, int log2n) {
+    return log2n == 0 ? 0 : (int)(__brev((unsigned)j) >> (32 - log2n));
+}
+
 // One radix-2^LOGR pass of the in-place decimation-in-time FFT: stages stage .. stage+LOGR-1
 // at once. Each item owns R = 2^LOGR points of one line, base + pos + j m (j < R, m =
 // 2^stage, base a multiple of m R, pos < m), which those stages combine only among themselves;
@@ -172,29 +177,32 @@ __device__ __forceinline__ void radix_pass(float2* s, const float2* tw, int line
 
 // In-place FFT of `lines` lines of n = 2^log2n points in shared memory: element j of line l is
 // s[l * line_stride + j * elem_stride]. Forward uses tw (see fill_twiddles), inverse its
-// conjugate; no 1/n scale. A bit-reversal permutation, then radix-8 passes (three stages per
+// conjugate; no 1/n scale. A bit-reversal permutation (skipped when `permuted`: the caller
+// stored point j at position bit_reverse(j)), then radix-8 passes (three stages per
 // pass, one barrier each) and one radix-4 or radix-2 pass for the remaining stages. With
 // `lines_fastest` consecutive threads take consecutive lines (for column layouts), else
 // consecutive groups of one line (row layouts). Every thread of the block calls it after a
 // barrier that published the data and tw; it ends with a barrier (none when n = 1).
 __device__ void fft_lines(float2* s, const float2* tw, int lines, int log2n, int line_stride, int elem_stride,
-                          bool inverse, bool lines_fastest) {
+                          bool inverse, bool lines_fastest, bool permuted) {
     if (log2n == 0) return;
-    const int n = 1 << log2n;
-    const int total = lines << log2n;
-    for (int i = threadIdx.x; i < total; i += FS_THREADS) {
-        const int l = lines_fastest ? i % lines : i >> log2n;
-        const int j = lines_fastest ? i / lines : i & (n - 1);
-        const int r = (int)(__brev((unsigned)j) >> (32 - log2n));
-        if (j < r) {
-            float2* a = s + l * line_stride + j * elem_stride;
-            float2* b = s + l * line_stride + r * elem_stride;
-            const float2 t = *a;
-            *a = *b;
-            *b = t;
+    if (!permuted) {
+        const int n = 1 << log2n;
+        const int total = lines << log2n;
+        for (int i = threadIdx.x; i < total; i += FS_THREADS) {
+            const int l = lines_fastest ? i % lines : i >> log2n;
+            const int j = lines_fastest ? i / lines : i & (n - 1);
+            const int r = bit_reverse(j, log2n);
+            if (j < r) {
+                float2* a = s + l * line_stride + j * elem_stride;
+                float2* b = s + l * line_stride + r * elem_stride;
+                const float2 t = *a;
+                *a = *b;
+                *b = t;
+            }
         }
+        __syncthreads();
     }
-    __syncthreads();
     int stage = 0;
     for (; log2n - stage >= 3; stage += 3) {
         radix_pass<3>(s, tw, lines, log2n, line_stride, elem_stride, stage, inverse, lines_fastest);
@@ -219,17 +227,17 @@ __device__ __forceinline__ void unpack_pair(const float2* z, int w, int k, float
 }
 
 // Packs half-rows A and B (bin k < Wh) of two Hermitian spectra into Z = A + i B over the full
-// row (z, n = W points, unit stride): Z[k] and, for 0 < k < W - k, Z[W-k] = conj A[k] + i conj
-// B[k]. The imaginary parts of bins 0 and W/2 are dropped, as a C2R transform drops them, so
+// row (z, n = W = 2^log2w points, unit stride, stored bit-reversed for fft_lines(permuted)):
+// Z[k] and, for 0 < k < W - k, Z[W-k] = conj A[k] + i conj B[k]. The imaginary parts of bins 0 and W/2 are dropped, as a C2R transform drops them, so
 // the real part of ifft(Z) is exactly C2R(A) and the imaginary part C2R(B).
-__device__ __forceinline__ void pack_pair(float2* z, int w, int k, float2 a, float2 b) {
+__device__ __forceinline__ void pack_pair(float2* z, int w, int log2w, int k, float2 a, float2 b) {
     const bool self_mirror = (k == 0) || (2 * k == w);
     if (self_mirror) {
         a.y = 0.0f;
         b.y = 0.0f;
     }
-    z[k] = make_float2(a.x - b.y, a.y + b.x);
-    if (!self_mirror) z[w - k] = make_float2(a.x + b.y, b.x - a.y);
+    z[bit_reverse(k, log2w)] = make_float2(a.x - b.y, a.y + b.x);
+    if (!self_mirror) z[bit_reverse(w - k, log2w)] = make_float2(a.x + b.y, b.x - a.y);
 }
 
 // Dynamic shared memory of freq_split_fused_f32, in float2 units before the band slots:
@@ -256,10 +264,10 @@ extern "C" __global__ void __launch_bounds__(FS_THREADS)
         const int pr = i >> log2w, j = i & (w - 1);
         const float re = xi[(2 * pr) * w + j];
         const float im = 2 * pr + 1 < h ? xi[(2 * pr + 1) * w + j] : 0.0f;
-        rows[i] = make_float2(re, im);
+        rows[pr * w + bit_reverse(j, log2w)] = make_float2(re, im);
     }
     __syncthreads();
-    fft_lines(rows, tw_w, hp, log2w, w, 1, false, false);
+    fft_lines(rows, tw_w, hp, log2w, w, 1, false, false, true);
 
     for (int i = threadIdx.x; i < hp * wh; i += FS_THREADS) {
         const int pr = i / wh, k = i % wh;
@@ -269,7 +277,7 @@ extern "C" __global__ void __launch_bounds__(FS_THREADS)
         if (2 * pr + 1 < h) spec[(2 * pr + 1) * wh + k] = b;
     }
     __syncthreads();
-    fft_lines(spec, tw_h, wh, log2h, 1, wh, false, true);
+    fft_lines(spec, tw_h, wh, log2h, 1, wh, false, true, false);
 
     const float inv_pixels = 1.0f / (float)(h * w);
     const double inv_h = __ddiv_rn(1.0, (double)h), inv_w = __ddiv_rn(1.0, (double)w);
@@ -279,16 +287,16 @@ extern "C" __global__ void __launch_bounds__(FS_THREADS)
     __syncthreads();
     float* ei = energy + image * nbands;
     reduce_slots(acc, nbands, 1.0 / ((double)h * (double)w), [&](int b, double e) { ei[b] = (float)e; });
-    fft_lines(spec, tw_h, wh, log2h, 1, wh, true, true);
+    fft_lines(spec, tw_h, wh, log2h, 1, wh, true, true, false);
 
     for (int i = threadIdx.x; i < hp * wh; i += FS_THREADS) {
         const int pr = i / wh, k = i % wh;
         const float2 a = spec[(2 * pr) * wh + k];
         const float2 b = 2 * pr + 1 < h ? spec[(2 * pr + 1) * wh + k] : make_float2(0.0f, 0.0f);
-        pack_pair(rows + pr * w, w, k, a, b);
+        pack_pair(rows + pr * w, w, log2w, k, a, b);
     }
     __syncthreads();
-    fft_lines(rows, tw_w, hp, log2w, w, 1, true, false);
+    fft_lines(rows, tw_w, hp, log2w, w, 1, true, false, true);
 
     float* lo = low + image * h * w;
     float* hi = high + image * h * w;
@@ -324,10 +332,10 @@ extern "C" __global__ void __launch_bounds__(FS_THREADS)
     fill_twiddles(tw, log2w);
     for (int i = threadIdx.x; i < lines * w; i += FS_THREADS) {
         const int r = 2 * (first + (i >> log2w)), j = i & (w - 1);
-        rows[i] = make_float2(xi[r * w + j], r + 1 < h ? xi[(r + 1) * w + j] : 0.0f);
+        rows[(i >> log2w) * w + bit_reverse(j, log2w)] = make_float2(xi[r * w + j], r + 1 < h ? xi[(r + 1) * w + j] : 0.0f);
     }
     __syncthreads();
-    fft_lines(rows, tw, lines, log2w, w, 1, false, false);
+    fft_lines(rows, tw, lines, log2w, w, 1, false, false, true);
     for (int i = threadIdx.x; i < lines * wh; i += FS_THREADS) {
         const int l = i / wh, k = i % wh;
         const int r = 2 * (first + l);
@@ -363,7 +371,7 @@ extern "C" __global__ void __launch_bounds__(FS_THREADS)
         tile[ky * cols + c] = si[ky * wh + first + c];
     }
     __syncthreads();
-    fft_lines(tile, tw, lines, log2h, 1, cols, false, true);
+    fft_lines(tile, tw, lines, log2h, 1, cols, false, true, false);
     const float inv_pixels = 1.0f / (float)(h * w);
     const double inv_h = __ddiv_rn(1.0, (double)h), inv_w = __ddiv_rn(1.0, (double)w);
     for (int i = threadIdx.x; i < h * lines; i += FS_THREADS) {
@@ -373,7 +381,7 @@ extern "C" __global__ void __launch_bounds__(FS_THREADS)
     __syncthreads();
     double* out = partial + (image * gridDim.x + blockIdx.x) * nbands;
     reduce_slots(acc, nbands, 1.0, [&](int b, double e) { out[b] = e; });
-    fft_lines(tile, tw, lines, log2h, 1, cols, true, true);
+    fft_lines(tile, tw, lines, log2h, 1, cols, true, true, false);
     for (int i = threadIdx.x; i < h * lines; i += FS_THREADS) {
         const int ky = i / lines, c = i % lines;
         si[ky * wh + first + c] = tile[ky * cols + c];
@@ -401,10 +409,10 @@ extern "C" __global__ void __launch_bounds__(FS_THREADS)
         const int r = 2 * (first + l);
         const float2 a = si[r * wh + k];
         const float2 b = r + 1 < h ? si[(r + 1) * wh + k] : make_float2(0.0f, 0.0f);
-        pack_pair(rows + l * w, w, k, a, b);
+        pack_pair(rows + l * w, w, log2w, k, a, b);
     }
     __syncthreads();
-    fft_lines(rows, tw, lines, log2w, w, 1, true, false);
+    fft_lines(rows, tw, lines, log2w, w, 1, true, false, true);
     for (int i = threadIdx.x; i < lines * w; i += FS_THREADS) {
         const int r = 2 * (first + (i >> log2w)), j = i & (w - 1);
         const float2 z = rows[i];
