@@ -24,9 +24,10 @@
 // FFTs: in-place decimation in time in shared memory (bit-reversal permutation, then radix-8
 // passes of three radix-2 stages each in registers, one barrier per pass, and a radix-4 or -2
 // pass for the rest), twiddles exp(-2 pi i k / n) from a per-block table filled with sincospif
-// (exact power-of-two arguments). Two real rows are transformed
-// as one complex row (x[2p] + i x[2p+1]) and separated afterwards, and the inverse packs two
-// Hermitian half-rows the same way.
+// (exact power-of-two arguments). Two real rows are transformed as one complex row
+// (x[2p] + i x[2p+1]) and separated afterwards, and the inverse packs two Hermitian half-rows
+// the same way; row data is stored bit-reversed as it is loaded or packed, so row FFTs skip
+// the permutation pass (column FFTs permute in place).
 
 #define FS_THREADS 256
 #define FS_MAX_BANDS 16
