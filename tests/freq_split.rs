@@ -545,3 +545,17 @@ fn cuda_rejects_more_bands_than_its_kernels_take() {
     );
     assert!(matches!(result, Err(FapeError::Unsupported { op: OP, .. })), "{result:?}");
 }
+
+#[test]
+fn cuda_grey_band_energies_match_the_cpu() {
+    let Some(device) = cuda_device("cuda_grey_band_energies_match_the_cpu") else { return };
+    let edges = [0.0, 0.1, 0.3, 0.7, 1.0];
+    for shape in [[2, 3, 64, 64], [1, 3, 512, 512], [2, 3, 45, 30]] {
+        let rgb = uniform(&mut rng(23), shape.iter().product(), 0.0, 1.0);
+        let view = View::new(OP, "x", &rgb, &shape).unwrap();
+        let got = freq::band_energies_grey(&device, view, &edges).expect("cuda");
+        let expected = freq::band_energies_grey(&Device::Reference, view, &edges).expect("reference");
+        let expected: Vec<f64> = expected.data.iter().map(|&e| f64::from(e)).collect();
+        assert_close(&format!("{shape:?} grey band energies"), &got.data, &expected, BAND_ENERGY_TOLERANCE);
+    }
+}

@@ -121,6 +121,32 @@ mod tests {
         }
     }
 
+    /// On a GPU machine with `--features candle-cuda` and `FAPE_TEST_CUDA=1`: the op on a candle
+    /// CUDA tensor (every route: fused, three passes, cuFFT) against the reference.
+    #[cfg(feature = "candle-cuda")]
+    #[test]
+    fn cuda_op_on_candles_stream_matches_the_reference() {
+        let test = "cuda_op_on_candles_stream_matches_the_reference";
+        if crate::testing::device_or_skip(test, crate::DeviceKind::Cuda).is_none() {
+            return;
+        }
+        let device = CandleDevice::new_cuda(0).expect("candle CUDA device");
+        for shape in [[2, 3, 64, 64], [1, 2, 256, 512], [2, 1, 30, 50]] {
+            let x = uniform(&mut rng(13), shape.iter().product(), -1.0, 1.0);
+            let config = FreqSplitConfig::default();
+            let t = Tensor::from_slice(&x, &shape, &device).unwrap();
+            let (low, high, energy) = freq_split(&t, &config).unwrap();
+            assert!(low.device().is_cuda() && high.device().is_cuda() && energy.device().is_cuda());
+            let expected = reference::freq_split(View::new(OP, "x", &x, &shape).unwrap(), &config).unwrap();
+            let flat = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            let tol = tolerance_f32(shape[2], shape[3]);
+            assert_close(&format!("{shape:?} low"), &flat(&low), &expected.low.data, tol);
+            assert_close(&format!("{shape:?} high"), &flat(&high), &expected.high.data, tol);
+            let energy_expected = &expected.band_energy.data;
+            assert_close(&format!("{shape:?} band_energy"), &flat(&energy), energy_expected, BAND_ENERGY_TOLERANCE);
+        }
+    }
+
     #[test]
     fn cpu_op_takes_strided_input_and_rejects_bad_input() {
         let x = uniform(&mut rng(2), 2 * 8 * 6, -1.0, 1.0);
