@@ -129,6 +129,13 @@ __device__ __forceinline__ void fill_twiddles(float2* tw, int log2n) {
     }
 }
 
+// Where point j of a padded row lives: one float2 of padding after every 16 points, so that the
+// bit-reversed stores and the first radix passes of rows spread over the shared-memory banks
+// instead of hitting one (a padded row of W points takes row_len(W) = W + W / 16 slots).
+__device__ __forceinline__ int row_slot(int j) { return j + (j >> 4); }
+__device__ __forceinline__ int row_len(int w) { return w + (w >> 4); }
+__device__ __forceinline__ int slot(int j, bool padded) { return padded ? row_slot(j) : j; }
+
 // j with its low log2n bits reversed (0 when n = 1).
 __device__ __forceinline__ int bit_reverse(int j, int log2n) {
     return log2n == 0 ? 0 : (int)(__brev((unsigned)j) >> (32 - log2n));
@@ -142,7 +149,8 @@ __device__ __forceinline__ int bit_reverse(int j, int log2n) {
 // 2^(stage+q+1)-point block) and stores them back. Addressing as in fft_lines.
 template <int LOGR>
 __device__ __forceinline__ void radix_pass(float2* s, const float2* tw, int lines, int log2n, int line_stride,
-                                           int elem_stride, int stage, bool inverse, bool lines_fastest) {
+                                           int elem_stride, int stage, bool inverse, bool lines_fastest,
+                                           bool padded) {
     constexpr int R = 1 << LOGR;
     const int m = 1 << stage;
     const int group_shift = log2n - LOGR;
@@ -152,11 +160,11 @@ __device__ __forceinline__ void radix_pass(float2* s, const float2* tw, int line
         const int l = lines_fastest ? t % lines : t >> group_shift;
         const int g = lines_fastest ? t / lines : t & (groups - 1);
         const int pos = g & (m - 1);
-        float2* p0 = s + l * line_stride + (((g - pos) << LOGR) + pos) * elem_stride;
-        const int step = m * elem_stride;
+        float2* line = s + l * line_stride;
+        const int e0 = ((g - pos) << LOGR) + pos;
         float2 v[R];
 #pragma unroll
-        for (int j = 0; j < R; ++j) v[j] = p0[j * step];
+        for (int j = 0; j < R; ++j) v[j] = line[slot(e0 + j * m, padded) * elem_stride];
 #pragma unroll
         for (int q = 0; q < LOGR; ++q) {
             const int half = 1 << q;
@@ -172,12 +180,12 @@ __device__ __forceinline__ void radix_pass(float2* s, const float2* tw, int line
             }
         }
 #pragma unroll
-        for (int j = 0; j < R; ++j) p0[j * step] = v[j];
+        for (int j = 0; j < R; ++j) line[slot(e0 + j * m, padded) * elem_stride] = v[j];
     }
 }
 
 // In-place FFT of `lines` lines of n = 2^log2n points in shared memory: element j of line l is
-// s[l * line_stride + j * elem_stride]. Forward uses tw (see fill_twiddles), inverse its
+// s[l * line_stride + slot(j, padded) * elem_stride]. Forward uses tw (see fill_twiddles), inverse its
 // conjugate; no 1/n scale. A bit-reversal permutation (skipped when `permuted`: the caller
 // stored point j at position bit_reverse(j)), then radix-8 passes (three stages per
 // pass, one barrier each) and one radix-4 or radix-2 pass for the remaining stages. With
@@ -185,7 +193,7 @@ __device__ __forceinline__ void radix_pass(float2* s, const float2* tw, int line
 // consecutive groups of one line (row layouts). Every thread of the block calls it after a
 // barrier that published the data and tw; it ends with a barrier (none when n = 1).
 __device__ void fft_lines(float2* s, const float2* tw, int lines, int log2n, int line_stride, int elem_stride,
-                          bool inverse, bool lines_fastest, bool permuted) {
+                          bool inverse, bool lines_fastest, bool permuted, bool padded) {
     if (log2n == 0) return;
     if (!permuted) {
         const int n = 1 << log2n;
@@ -195,8 +203,8 @@ __device__ void fft_lines(float2* s, const float2* tw, int lines, int log2n, int
             const int j = lines_fastest ? i / lines : i & (n - 1);
             const int r = bit_reverse(j, log2n);
             if (j < r) {
-                float2* a = s + l * line_stride + j * elem_stride;
-                float2* b = s + l * line_stride + r * elem_stride;
+                float2* a = s + l * line_stride + slot(j, padded) * elem_stride;
+                float2* b = s + l * line_stride + slot(r, padded) * elem_stride;
                 const float2 t = *a;
                 *a = *b;
                 *b = t;
@@ -206,29 +214,29 @@ __device__ void fft_lines(float2* s, const float2* tw, int lines, int log2n, int
     }
     int stage = 0;
     for (; log2n - stage >= 3; stage += 3) {
-        radix_pass<3>(s, tw, lines, log2n, line_stride, elem_stride, stage, inverse, lines_fastest);
+        radix_pass<3>(s, tw, lines, log2n, line_stride, elem_stride, stage, inverse, lines_fastest, padded);
         __syncthreads();
     }
     if (log2n - stage == 2) {
-        radix_pass<2>(s, tw, lines, log2n, line_stride, elem_stride, stage, inverse, lines_fastest);
+        radix_pass<2>(s, tw, lines, log2n, line_stride, elem_stride, stage, inverse, lines_fastest, padded);
         __syncthreads();
     } else if (log2n - stage == 1) {
-        radix_pass<1>(s, tw, lines, log2n, line_stride, elem_stride, stage, inverse, lines_fastest);
+        radix_pass<1>(s, tw, lines, log2n, line_stride, elem_stride, stage, inverse, lines_fastest, padded);
         __syncthreads();
     }
 }
 
-// Separates the spectra of two real rows packed as z = a + i b (Z = FFT z, n = W points, line
-// `z` with unit stride) into half-rows: A[k] = (Z[k] + conj Z[-k]) / 2, B[k] = (Z[k] -
+// Separates the spectra of two real rows packed as z = a + i b (Z = FFT z, n = W points, the
+// padded row `z`) into half-rows: A[k] = (Z[k] + conj Z[-k]) / 2, B[k] = (Z[k] -
 // conj Z[-k]) / 2i, for k < Wh.
 __device__ __forceinline__ void unpack_pair(const float2* z, int w, int k, float2* a, float2* b) {
-    const float2 zk = z[k], zc = z[(w - k) & (w - 1)];
+    const float2 zk = z[row_slot(k)], zc = z[row_slot((w - k) & (w - 1))];
     *a = make_float2(0.5f * (zk.x + zc.x), 0.5f * (zk.y - zc.y));
     *b = make_float2(0.5f * (zk.y + zc.y), 0.5f * (zc.x - zk.x));
 }
 
 // Packs half-rows A and B (bin k < Wh) of two Hermitian spectra into Z = A + i B over the full
-// row (z, n = W = 2^log2w points, unit stride, stored bit-reversed for fft_lines(permuted)):
+// row (z, n = W = 2^log2w points, the padded row, stored bit-reversed for fft_lines(permuted)):
 // Z[k] and, for 0 < k < W - k, Z[W-k] = conj A[k] + i conj B[k]. The imaginary parts of bins 0 and W/2 are dropped, as a C2R transform drops them, so
 // the real part of ifft(Z) is exactly C2R(A) and the imaginary part C2R(B).
 __device__ __forceinline__ void pack_pair(float2* z, int w, int log2w, int k, float2 a, float2 b) {
@@ -237,21 +245,21 @@ __device__ __forceinline__ void pack_pair(float2* z, int w, int log2w, int k, fl
         a.y = 0.0f;
         b.y = 0.0f;
     }
-    z[bit_reverse(k, log2w)] = make_float2(a.x - b.y, a.y + b.x);
-    if (!self_mirror) z[bit_reverse(w - k, log2w)] = make_float2(a.x + b.y, b.x - a.y);
+    z[row_slot(bit_reverse(k, log2w))] = make_float2(a.x - b.y, a.y + b.x);
+    if (!self_mirror) z[row_slot(bit_reverse(w - k, log2w))] = make_float2(a.x + b.y, b.x - a.y);
 }
 
 // Dynamic shared memory of freq_split_fused_f32, in float2 units before the band slots:
-// packed rows ceil(H/2) * W, spectrum H * Wh, twiddles max(W/2,1) + max(H/2,1); then
+// packed rows ceil(H/2) * row_len(W), spectrum H * Wh, twiddles max(W/2,1) + max(H/2,1); then
 // nbands * FS_THREADS floats.
 extern "C" __global__ void __launch_bounds__(FS_THREADS)
     freq_split_fused_f32(const float* __restrict__ x, float* __restrict__ low, float* __restrict__ high,
                          float* __restrict__ energy, int h, int w, int log2h, int log2w, SpectralParams p) {
     extern __shared__ float2 smem[];
-    const int hp = (h + 1) / 2, wh = w / 2 + 1;
+    const int hp = (h + 1) / 2, wh = w / 2 + 1, wp = row_len(w);
     const int nbands = p.nedges - 1;
     float2* rows = smem;
-    float2* spec = rows + hp * w;
+    float2* spec = rows + hp * wp;
     float2* tw_w = spec + h * wh;
     float2* tw_h = tw_w + max(w / 2, 1);
     float* acc = (float*)(tw_h + max(h / 2, 1));
@@ -265,20 +273,20 @@ extern "C" __global__ void __launch_bounds__(FS_THREADS)
         const int pr = i >> log2w, j = i & (w - 1);
         const float re = xi[(2 * pr) * w + j];
         const float im = 2 * pr + 1 < h ? xi[(2 * pr + 1) * w + j] : 0.0f;
-        rows[pr * w + bit_reverse(j, log2w)] = make_float2(re, im);
+        rows[pr * wp + row_slot(bit_reverse(j, log2w))] = make_float2(re, im);
     }
     __syncthreads();
-    fft_lines(rows, tw_w, hp, log2w, w, 1, false, false, true);
+    fft_lines(rows, tw_w, hp, log2w, wp, 1, false, false, true, true);
 
     for (int i = threadIdx.x; i < hp * wh; i += FS_THREADS) {
         const int pr = i / wh, k = i % wh;
         float2 a, b;
-        unpack_pair(rows + pr * w, w, k, &a, &b);
+        unpack_pair(rows + pr * wp, w, k, &a, &b);
         spec[(2 * pr) * wh + k] = a;
         if (2 * pr + 1 < h) spec[(2 * pr + 1) * wh + k] = b;
     }
     __syncthreads();
-    fft_lines(spec, tw_h, wh, log2h, 1, wh, false, true, false);
+    fft_lines(spec, tw_h, wh, log2h, 1, wh, false, true, false, false);
 
     const float inv_pixels = 1.0f / (float)(h * w);
     const double inv_h = __ddiv_rn(1.0, (double)h), inv_w = __ddiv_rn(1.0, (double)w);
@@ -288,22 +296,22 @@ extern "C" __global__ void __launch_bounds__(FS_THREADS)
     __syncthreads();
     float* ei = energy + image * nbands;
     reduce_slots(acc, nbands, 1.0 / ((double)h * (double)w), [&](int b, double e) { ei[b] = (float)e; });
-    fft_lines(spec, tw_h, wh, log2h, 1, wh, true, true, false);
+    fft_lines(spec, tw_h, wh, log2h, 1, wh, true, true, false, false);
 
     for (int i = threadIdx.x; i < hp * wh; i += FS_THREADS) {
         const int pr = i / wh, k = i % wh;
         const float2 a = spec[(2 * pr) * wh + k];
         const float2 b = 2 * pr + 1 < h ? spec[(2 * pr + 1) * wh + k] : make_float2(0.0f, 0.0f);
-        pack_pair(rows + pr * w, w, log2w, k, a, b);
+        pack_pair(rows + pr * wp, w, log2w, k, a, b);
     }
     __syncthreads();
-    fft_lines(rows, tw_w, hp, log2w, w, 1, true, false, true);
+    fft_lines(rows, tw_w, hp, log2w, wp, 1, true, false, true, true);
 
     float* lo = low + image * h * w;
     float* hi = high + image * h * w;
     for (int i = threadIdx.x; i < hp * w; i += FS_THREADS) {
         const int pr = i >> log2w, j = i & (w - 1);
-        const float2 z = rows[i];
+        const float2 z = rows[pr * wp + row_slot(j)];
         const int o = (2 * pr) * w + j;
         lo[o] = z.x;
         hi[o] = xi[o] - z.x;
@@ -316,7 +324,7 @@ extern "C" __global__ void __launch_bounds__(FS_THREADS)
 
 // Pass 1 of the three-pass path: block (g, i) transforms row pairs g * pairs .. of image i of
 // x (`images` images of h x w, power-of-two w) and writes their half-rows to spec
-// (`[images][h][wh]`). Shared: pairs * w + max(w/2,1) float2.
+// (`[images][h][wh]`). Shared: pairs * row_len(w) + max(w/2,1) float2.
 extern "C" __global__ void __launch_bounds__(FS_THREADS)
     freq_rows_forward_f32(const float* __restrict__ x, float2* __restrict__ spec, int h, int w, int log2w,
                           int pairs) {
@@ -324,8 +332,9 @@ extern "C" __global__ void __launch_bounds__(FS_THREADS)
     const int hp = (h + 1) / 2, wh = w / 2 + 1;
     const int first = blockIdx.x * pairs;
     const int lines = min(pairs, hp - first);
+    const int wp = row_len(w);
     float2* rows = smem;
-    float2* tw = rows + pairs * w;
+    float2* tw = rows + pairs * wp;
     const long long image = blockIdx.y;
     const float* xi = x + image * h * w;
     float2* si = spec + image * h * wh;
@@ -333,15 +342,16 @@ extern "C" __global__ void __launch_bounds__(FS_THREADS)
     fill_twiddles(tw, log2w);
     for (int i = threadIdx.x; i < lines * w; i += FS_THREADS) {
         const int r = 2 * (first + (i >> log2w)), j = i & (w - 1);
-        rows[(i >> log2w) * w + bit_reverse(j, log2w)] = make_float2(xi[r * w + j], r + 1 < h ? xi[(r + 1) * w + j] : 0.0f);
+        const float2 z = make_float2(xi[r * w + j], r + 1 < h ? xi[(r + 1) * w + j] : 0.0f);
+        rows[(i >> log2w) * wp + row_slot(bit_reverse(j, log2w))] = z;
     }
     __syncthreads();
-    fft_lines(rows, tw, lines, log2w, w, 1, false, false, true);
+    fft_lines(rows, tw, lines, log2w, wp, 1, false, false, true, true);
     for (int i = threadIdx.x; i < lines * wh; i += FS_THREADS) {
         const int l = i / wh, k = i % wh;
         const int r = 2 * (first + l);
         float2 a, b;
-        unpack_pair(rows + l * w, w, k, &a, &b);
+        unpack_pair(rows + l * wp, w, k, &a, &b);
         si[r * wh + k] = a;
         if (r + 1 < h) si[(r + 1) * wh + k] = b;
     }
@@ -372,7 +382,7 @@ extern "C" __global__ void __launch_bounds__(FS_THREADS)
         tile[ky * cols + c] = si[ky * wh + first + c];
     }
     __syncthreads();
-    fft_lines(tile, tw, lines, log2h, 1, cols, false, true, false);
+    fft_lines(tile, tw, lines, log2h, 1, cols, false, true, false, false);
     const float inv_pixels = 1.0f / (float)(h * w);
     const double inv_h = __ddiv_rn(1.0, (double)h), inv_w = __ddiv_rn(1.0, (double)w);
     for (int i = threadIdx.x; i < h * lines; i += FS_THREADS) {
@@ -382,7 +392,7 @@ extern "C" __global__ void __launch_bounds__(FS_THREADS)
     __syncthreads();
     double* out = partial + (image * gridDim.x + blockIdx.x) * nbands;
     reduce_slots(acc, nbands, 1.0, [&](int b, double e) { out[b] = e; });
-    fft_lines(tile, tw, lines, log2h, 1, cols, true, true, false);
+    fft_lines(tile, tw, lines, log2h, 1, cols, true, true, false, false);
     for (int i = threadIdx.x; i < h * lines; i += FS_THREADS) {
         const int ky = i / lines, c = i % lines;
         si[ky * wh + first + c] = tile[ky * cols + c];
@@ -398,8 +408,9 @@ extern "C" __global__ void __launch_bounds__(FS_THREADS)
     const int hp = (h + 1) / 2, wh = w / 2 + 1;
     const int first = blockIdx.x * pairs;
     const int lines = min(pairs, hp - first);
+    const int wp = row_len(w);
     float2* rows = smem;
-    float2* tw = rows + pairs * w;
+    float2* tw = rows + pairs * wp;
     const long long image = blockIdx.y;
     const long long base = image * h * w;
     const float2* si = spec + image * h * wh;
@@ -410,13 +421,13 @@ extern "C" __global__ void __launch_bounds__(FS_THREADS)
         const int r = 2 * (first + l);
         const float2 a = si[r * wh + k];
         const float2 b = r + 1 < h ? si[(r + 1) * wh + k] : make_float2(0.0f, 0.0f);
-        pack_pair(rows + l * w, w, log2w, k, a, b);
+        pack_pair(rows + l * wp, w, log2w, k, a, b);
     }
     __syncthreads();
-    fft_lines(rows, tw, lines, log2w, w, 1, true, false, true);
+    fft_lines(rows, tw, lines, log2w, wp, 1, true, false, true, true);
     for (int i = threadIdx.x; i < lines * w; i += FS_THREADS) {
         const int r = 2 * (first + (i >> log2w)), j = i & (w - 1);
-        const float2 z = rows[i];
+        const float2 z = rows[(i >> log2w) * wp + row_slot(j)];
         const long long o = base + (long long)r * w + j;
         low[o] = z.x;
         high[o] = x[o] - z.x;

@@ -3,7 +3,7 @@
 //! Three routes, picked per call by [`CudaFftPath::Auto`]:
 //!
 //! - **fused**: power-of-two `H`, `W` <= 128 whose packed rows and half-spectrum fit one block's
-//!   shared memory (128 x 128 needs about 148 KiB): one launch, one block per image, reading
+//!   shared memory (128 x 128 needs about 140 KiB with 5 bands): one launch, one block per image, reading
 //!   `x` once and writing `low`, `high` and the band energies once.
 //! - **three passes**: power-of-two `H`, `W` <= 4096: rows forward (two real rows per complex
 //!   FFT, half-rows written once), columns (forward FFT, mask, band energies, inverse FFT, in
@@ -116,9 +116,15 @@ enum Route {
     Cufft,
 }
 
+/// Shared-memory slots of one padded row of `w` points (`row_len` in the kernels: one float2 of
+/// padding after every 16 points).
+fn row_len(w: usize) -> usize {
+    w + w / 16
+}
+
 /// Dynamic shared memory of `freq_split_fused_f32` for `h x w` and `nbands`.
 fn fused_shared(h: usize, w: usize, nbands: usize) -> usize {
-    let complex = h.div_ceil(2) * w + h * (w / 2 + 1) + (w / 2).max(1) + (h / 2).max(1);
+    let complex = h.div_ceil(2) * row_len(w) + h * (w / 2 + 1) + (w / 2).max(1) + (h / 2).max(1);
     complex * COMPLEX + nbands * THREADS * 4
 }
 
@@ -137,7 +143,7 @@ fn route(d: &CudaDevice, dims: FreqDims, nbands: usize, path: CudaFftPath) -> Re
     if h <= PASS_MAX_SIDE && w <= PASS_MAX_SIDE {
         let pairs = (ROW_POINTS / w).max(1);
         let columns = (COLUMN_POINTS / h).clamp(1, MAX_COLUMNS);
-        let rows_shared = (pairs * w + (w / 2).max(1)) * COMPLEX;
+        let rows_shared = (pairs * row_len(w) + (w / 2).max(1)) * COMPLEX;
         let columns_shared = (h * columns + (h / 2).max(1)) * COMPLEX + nbands * THREADS * 4;
         if rows_shared.max(columns_shared) <= optin {
             return Ok(Route::ThreePass { pairs, columns, rows_shared, columns_shared });
@@ -298,8 +304,8 @@ fn three_pass(
         // int log2w, int pairs)`. Block (g, i) reads rows 2 (g pairs + l) (+1 when < h) of
         // image i < n of x_c (n images of h w f32) and writes those rows' w/2+1 bins of image i
         // in spec (chunk >= n images of h (w/2+1) float2); the row groups cover all ceil(h/2)
-        // pairs, so every spec element is written. Shared memory: pairs * w + max(w/2, 1)
-        // float2 = rows_shared, allowed in `function`. Buffers outlive the launch (see
+        // pairs, so every spec element is written. Shared memory: pairs * row_len(w) +
+        // max(w/2, 1) float2 = rows_shared, allowed in `function`. Buffers outlive the launch (see
         // `launch_fused`).
         unsafe { launch.launch(cfg) }.map_err(dev_err("launching freq_rows_forward_f32"))?;
 
