@@ -562,6 +562,15 @@ impl CudaSplitBuffers {
         device.stream().synchronize().map_err(dev_err("waiting for freq_split kernels"))
     }
 
+    /// Copies only `band_energy` (`[B,C,nbands]`) of the last run back.
+    ///
+    /// # Errors
+    /// [`FapeError::Device`] when the copy or an earlier kernel failed.
+    pub fn download_band_energy(&self, device: &CudaDevice) -> Result<crate::tensor::Tensor<f32>> {
+        let energy = device.download("band_energy", &self.energy)?;
+        crate::tensor::Tensor::new(energy, vec![self.shape[0], self.shape[1], self.nbands])
+    }
+
     /// Copies the outputs of the last run back: `low`, `high` `[B,C,H,W]`, `band_energy`
     /// `[B,C,nbands]`.
     ///

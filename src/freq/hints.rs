@@ -4,7 +4,8 @@
 //! Grey is ITU-R BT.601 luma, `Y = 0.299 R + 0.587 G + 0.114 B`, formed per pixel in f32 on
 //! the host; the energies are then [`freq_split`](super::freq_split)'s `band_energy` of the
 //! `[B,1,H,W]` grey image on the chosen backend (so every backend gives the reference's
-//! numbers within [`BAND_ENERGY_TOLERANCE`](super::BAND_ENERGY_TOLERANCE)).
+//! numbers within [`BAND_ENERGY_TOLERANCE`](super::BAND_ENERGY_TOLERANCE)); on CUDA only the
+//! energies are copied back.
 
 use super::{freq_split, FreqSplitConfig, MaskKind, OP};
 use crate::backend::Device;
@@ -48,8 +49,18 @@ pub fn band_energies_grey(device: &Device, rgb: View<'_, f32>, edges: &[f64]) ->
     let s = rgb.shape();
     let grey = grey(&rgb);
     let shape = [s[0], 1, s[2], s[3]];
-    let out = freq_split(device, View::new(OP, "x", &grey, &shape)?, &config)?;
-    Tensor::new(out.band_energy.data, vec![s[0], config.nbands()])
+    let grey = View::new(OP, "x", &grey, &shape)?;
+    let energy = match device {
+        // Only the energies come back from the GPU.
+        #[cfg(feature = "cuda")]
+        Device::Cuda(d) => {
+            let mut buffers = super::CudaSplitBuffers::new(d, grey, &config)?;
+            buffers.run(d, &config, super::CudaFftPath::Auto)?;
+            buffers.download_band_energy(d)?.data
+        }
+        _ => freq_split(device, grey, &config)?.band_energy.data,
+    };
+    Tensor::new(energy, vec![s[0], config.nbands()])
 }
 
 #[cfg(test)]

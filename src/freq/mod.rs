@@ -234,7 +234,7 @@ pub(crate) fn output<T>(
 ///
 /// # Errors
 /// [`FapeError::Shape`] naming `x` when it is empty or not rank 4; [`FapeError::Config`] as
-/// [`FreqSplitConfig::validate`]; [`FapeError::Unsupported`] on CUDA beyond [`CUDA_MAX_BANDS`]
+/// [`FreqSplitConfig::validate`]; [`FapeError::Unsupported`] on CUDA beyond `CUDA_MAX_BANDS` (16)
 /// bands or, for sizes other than powers of two up to 4096, without libcufft, and on Cube and
 /// CUDA for extents past 32-bit indexing.
 pub fn freq_split(device: &Device, x: View<'_, f32>, config: &FreqSplitConfig) -> Result<FreqSplitOutput<f32>> {
