@@ -28,7 +28,7 @@ use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 
 use cudarc::cufft::sys::{cufftType, float2};
 use cudarc::cufft::CudaFft;
-use cudarc::driver::{sys as cu, CudaFunction, CudaSlice, CudaView, CudaViewMut, DeviceRepr, PushKernelArg};
+use cudarc::driver::{sys as cu, CudaFunction, CudaSlice, CudaView, CudaViewMut, DevicePtr, DeviceRepr, PushKernelArg};
 
 use super::{output, validate, FreqDims, FreqSplitConfig, FreqSplitOutput, MaskKind, OP};
 use crate::backend::cuda::{dev_err, kernel_int, launch_config, tiles, CudaDevice, FREQ_SPLIT_CU};
@@ -411,7 +411,23 @@ fn cufft_split(
 
     let x_n = x.slice(..len);
     let mut low_n = low.slice_mut(..len);
-    r2c.exec_r2c(&x_n, &mut spec).map_err(cufft_error("cuFFT R2C of x"))?;
+    // cuFFT wants 8-byte aligned buffers; a view at an odd offset (a sliced framework tensor)
+    // is transformed from an aligned copy.
+    let misaligned = |ptr: u64| !ptr.is_multiple_of(COMPLEX as u64);
+    let x_misaligned = misaligned(x_n.device_ptr(d.stream()).0);
+    let low_misaligned = misaligned(low_n.device_ptr(d.stream()).0);
+    let aligned_x = if x_misaligned {
+        let mut copy = scratch::<f32>(d, "aligned copy of x", len)?;
+        d.stream().memcpy_dtod(&x_n, &mut copy).map_err(dev_err("copying x to an aligned buffer"))?;
+        Some(copy)
+    } else {
+        None
+    };
+    match &aligned_x {
+        Some(copy) => r2c.exec_r2c(copy, &mut spec),
+        None => r2c.exec_r2c(&x_n, &mut spec),
+    }
+    .map_err(cufft_error("cuFFT R2C of x"))?;
 
     let shared = nbands * THREADS * 4;
     let (threads, shared_u32) = block(shared)?;
@@ -438,7 +454,13 @@ fn cufft_split(
     // energy[k], inside the images * nbands f32 checked by `split_device`.
     unsafe { launch.launch(cfg) }.map_err(dev_err("launching freq_energy_reduce_f32"))?;
 
-    c2r.exec_c2r(&mut spec, &mut low_n).map_err(cufft_error("cuFFT C2R of the masked spectrum"))?;
+    if low_misaligned {
+        let mut aligned_low = scratch::<f32>(d, "aligned low", len)?;
+        c2r.exec_c2r(&mut spec, &mut aligned_low).map_err(cufft_error("cuFFT C2R of the masked spectrum"))?;
+        d.stream().memcpy_dtod(&aligned_low, &mut low_n).map_err(dev_err("copying low from its aligned buffer"))?;
+    } else {
+        c2r.exec_c2r(&mut spec, &mut low_n).map_err(cufft_error("cuFFT C2R of the masked spectrum"))?;
+    }
 
     let subtract = function(d, "freq_subtract_f32", 0)?;
     let cfg = launch_config(OP, (tiles(len, THREADS).min(1 << 16), 1, 1), threads, 0)?;
