@@ -244,11 +244,14 @@ fn launch_fused(
     Ok(())
 }
 
-/// Images per chunk of the three-pass path: half-spectra of about half the L2 cache.
+/// Images per chunk of the three-pass path: half-spectra of at most about half the L2 cache,
+/// the images split into equal chunks.
 fn chunk_images(d: &CudaDevice, dims: FreqDims) -> Result<usize> {
     let l2 = usize::try_from(d.attribute(cu::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_L2_CACHE_SIZE)?).unwrap_or(0);
     let per_image = dims.height * (dims.width / 2 + 1) * COMPLEX;
-    Ok((l2 / 2 / per_image).clamp(1, 65_535).min(dims.images))
+    let most = (l2 / 2 / per_image).clamp(1, 65_535);
+    // Equal chunks: 24 images with room for 23 run as 12 + 12, not 23 + 1.
+    Ok(dims.images.div_ceil(dims.images.div_ceil(most)))
 }
 
 /// A scratch buffer every element of which a kernel writes before any is read.
