@@ -128,17 +128,58 @@ fn fused_shared(h: usize, w: usize, nbands: usize) -> usize {
     complex * COMPLEX + nbands * THREADS * 4
 }
 
-fn route(d: &CudaDevice, dims: FreqDims, nbands: usize, path: CudaFftPath) -> Result<Route> {
+/// Every kernel of `kernels/freq_split.cu`.
+const KERNELS: [&str; 7] = [
+    "freq_split_fused_f32",
+    "freq_rows_forward_f32",
+    "freq_columns_f32",
+    "freq_rows_inverse_f32",
+    "freq_mask_energy_f32",
+    "freq_energy_reduce_f32",
+    "freq_subtract_f32",
+];
+
+/// The kernels loaded in one context and the device limits the routes read: looked up once
+/// per context, so a call costs no source hashing or function lookup on the host (which would
+/// dominate a 10 us split).
+struct Loaded {
+    functions: HashMap<&'static str, CudaFunction>,
+    /// Most dynamic shared memory one block may opt into, bytes.
+    optin_shared: usize,
+    /// L2 cache size, bytes.
+    l2: usize,
+}
+
+/// The [`Loaded`] kernels of `d`'s context. Contexts are never reused while cached: the
+/// functions keep their module, and the module its context, alive.
+fn loaded(d: &CudaDevice) -> Result<Arc<Loaded>> {
+    static CACHE: OnceLock<Mutex<HashMap<usize, Arc<Loaded>>>> = OnceLock::new();
+    let key = d.stream().context().cu_ctx() as usize;
+    let mut cache = CACHE.get_or_init(Default::default).lock().unwrap_or_else(PoisonError::into_inner);
+    if let Some(l) = cache.get(&key) {
+        return Ok(l.clone());
+    }
+    let mut functions = HashMap::new();
+    for name in KERNELS {
+        functions.insert(name, d.function(FREQ_SPLIT_CU, name)?);
+    }
+    let attribute = |a| d.attribute(a).map(|v| usize::try_from(v).unwrap_or(0));
+    let optin_shared = attribute(cu::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)?;
+    let l2 = attribute(cu::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_L2_CACHE_SIZE)?;
+    let l = Arc::new(Loaded { functions, optin_shared: optin_shared.max(DEFAULT_SHARED), l2 });
+    cache.insert(key, l.clone());
+    Ok(l)
+}
+
+fn route(k: &Loaded, dims: FreqDims, nbands: usize, path: CudaFftPath) -> Route {
     let (h, w) = (dims.height, dims.width);
     if path == CudaFftPath::Cufft || !(h.is_power_of_two() && w.is_power_of_two()) {
-        return Ok(Route::Cufft);
+        return Route::Cufft;
     }
-    let optin =
-        usize::try_from(d.attribute(cu::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)?)
-            .unwrap_or(DEFAULT_SHARED);
+    let optin = k.optin_shared;
     let shared = fused_shared(h, w, nbands);
     if h <= FUSED_MAX_SIDE && w <= FUSED_MAX_SIDE && shared <= optin {
-        return Ok(Route::Fused { shared });
+        return Route::Fused { shared };
     }
     if h <= PASS_MAX_SIDE && w <= PASS_MAX_SIDE {
         let pairs = (ROW_POINTS / w).max(1);
@@ -146,15 +187,15 @@ fn route(d: &CudaDevice, dims: FreqDims, nbands: usize, path: CudaFftPath) -> Re
         let rows_shared = (pairs * row_len(w) + (w / 2).max(1)) * COMPLEX;
         let columns_shared = (h * columns + (h / 2).max(1)) * COMPLEX + nbands * THREADS * 4;
         if rows_shared.max(columns_shared) <= optin {
-            return Ok(Route::ThreePass { pairs, columns, rows_shared, columns_shared });
+            return Route::ThreePass { pairs, columns, rows_shared, columns_shared };
         }
     }
-    Ok(Route::Cufft)
+    Route::Cufft
 }
 
-/// `kernel` of `kernels/freq_split.cu`, allowed `shared` bytes of dynamic shared memory.
-fn function(d: &CudaDevice, kernel: &str, shared: usize) -> Result<CudaFunction> {
-    let f = d.function(FREQ_SPLIT_CU, kernel)?;
+/// `kernel` (one of [`KERNELS`]), allowed `shared` bytes of dynamic shared memory.
+fn function(k: &Loaded, kernel: &str, shared: usize) -> Result<CudaFunction> {
+    let f = k.functions.get(kernel).cloned().ok_or_else(|| unsupported(format!("no kernel `{kernel}`")))?;
     if shared > DEFAULT_SHARED {
         f.set_attribute(
             cu::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
@@ -202,18 +243,20 @@ pub(crate) fn split_device(
     }
     // Indices within an image are 32-bit in the kernels (image offsets are 64-bit).
     kernel_int(OP, "pixels per image", dims.height * (dims.width + 2))?;
-    match route(d, dims, nbands, path)? {
-        Route::Fused { shared } => launch_fused(d, x, low, high, energy, dims, params, shared),
+    let k = loaded(d)?;
+    match route(&k, dims, nbands, path) {
+        Route::Fused { shared } => launch_fused(d, &k, x, low, high, energy, dims, params, shared),
         Route::ThreePass { pairs, columns, rows_shared, columns_shared } => {
-            three_pass(d, x, low, high, energy, dims, params, (pairs, columns, rows_shared, columns_shared))
+            three_pass(d, &k, x, low, high, energy, dims, params, (pairs, columns, rows_shared, columns_shared))
         }
-        Route::Cufft => cufft_split(d, x, low, high, energy, dims, params),
+        Route::Cufft => cufft_split(d, &k, x, low, high, energy, dims, params),
     }
 }
 
 #[allow(clippy::too_many_arguments)]
 fn launch_fused(
     d: &CudaDevice,
+    k: &Loaded,
     x: &CudaView<'_, f32>,
     low: &mut CudaViewMut<'_, f32>,
     high: &mut CudaViewMut<'_, f32>,
@@ -223,7 +266,7 @@ fn launch_fused(
     shared: usize,
 ) -> Result<()> {
     let kernel = "freq_split_fused_f32";
-    let f = function(d, kernel, shared)?;
+    let f = function(k, kernel, shared)?;
     let (threads, shared_u32) = block(shared)?;
     let cfg = launch_config(OP, (dims.images, 1, 1), threads, shared_u32)?;
     let (h, w) = (dims.height as i32, dims.width as i32);
@@ -246,12 +289,12 @@ fn launch_fused(
 
 /// Images per chunk of the three-pass path: half-spectra of at most about half the L2 cache,
 /// the images split into equal chunks.
-fn chunk_images(d: &CudaDevice, dims: FreqDims) -> Result<usize> {
-    let l2 = usize::try_from(d.attribute(cu::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_L2_CACHE_SIZE)?).unwrap_or(0);
+fn chunk_images(k: &Loaded, dims: FreqDims) -> usize {
+    let l2 = k.l2;
     let per_image = dims.height * (dims.width / 2 + 1) * COMPLEX;
     let most = (l2 / 2 / per_image).clamp(1, 65_535);
     // Equal chunks: 24 images with room for 23 run as 12 + 12, not 23 + 1.
-    Ok(dims.images.div_ceil(dims.images.div_ceil(most)))
+    dims.images.div_ceil(dims.images.div_ceil(most))
 }
 
 /// A scratch buffer every element of which a kernel writes before any is read.
@@ -265,6 +308,7 @@ fn scratch<T: DeviceRepr>(d: &CudaDevice, what: &str, len: usize) -> Result<Cuda
 #[allow(clippy::too_many_arguments)]
 fn three_pass(
     d: &CudaDevice,
+    k: &Loaded,
     x: &CudaView<'_, f32>,
     low: &mut CudaViewMut<'_, f32>,
     high: &mut CudaViewMut<'_, f32>,
@@ -275,15 +319,15 @@ fn three_pass(
 ) -> Result<()> {
     let (h, w) = (dims.height, dims.width);
     let (pixels, wh, nbands) = (dims.pixels(), w / 2 + 1, params.nedges as usize - 1);
-    let chunk = chunk_images(d, dims)?;
+    let chunk = chunk_images(k, dims);
     let row_groups = tiles(h.div_ceil(2), pairs);
     let column_tiles = tiles(wh, columns);
     let mut spec = scratch::<float2>(d, "half-spectrum", chunk * h * wh)?;
     let mut partial = scratch::<f64>(d, "band partials", chunk * column_tiles * nbands)?;
-    let forward = function(d, "freq_rows_forward_f32", rows_shared)?;
-    let cols = function(d, "freq_columns_f32", columns_shared)?;
-    let inverse = function(d, "freq_rows_inverse_f32", rows_shared)?;
-    let reduce = function(d, "freq_energy_reduce_f32", 0)?;
+    let forward = function(k, "freq_rows_forward_f32", rows_shared)?;
+    let cols = function(k, "freq_columns_f32", columns_shared)?;
+    let inverse = function(k, "freq_rows_inverse_f32", rows_shared)?;
+    let reduce = function(k, "freq_energy_reduce_f32", 0)?;
     let (threads, rows_shared) = block(rows_shared)?;
     let (_, columns_shared) = block(columns_shared)?;
     let (h_i, w_i) = (h as i32, w as i32);
@@ -388,6 +432,7 @@ fn cufft_error(what: &str) -> impl FnOnce(cudarc::cufft::result::CufftError) -> 
 #[allow(clippy::too_many_arguments)]
 fn cufft_split(
     d: &CudaDevice,
+    k: &Loaded,
     x: &CudaView<'_, f32>,
     low: &mut CudaViewMut<'_, f32>,
     high: &mut CudaViewMut<'_, f32>,
@@ -434,7 +479,7 @@ fn cufft_split(
 
     let shared = nbands * THREADS * 4;
     let (threads, shared_u32) = block(shared)?;
-    let mask = function(d, "freq_mask_energy_f32", shared)?;
+    let mask = function(k, "freq_mask_energy_f32", shared)?;
     let cfg = launch_config(OP, (mask_tiles, images, 1), threads, shared_u32)?;
     let (h_i, w_i, bins_i) = (h as i32, w as i32, MASK_BINS as i32);
     let mut launch = d.stream().launch_builder(&mask);
@@ -446,7 +491,7 @@ fn cufft_split(
     // Shared memory: nbands * 256 f32, allowed. Buffers outlive the launch (see launch_fused).
     unsafe { launch.launch(cfg) }.map_err(dev_err("launching freq_mask_energy_f32"))?;
 
-    let reduce = function(d, "freq_energy_reduce_f32", 0)?;
+    let reduce = function(k, "freq_energy_reduce_f32", 0)?;
     let cfg = launch_config(OP, (tiles(images * nbands, THREADS), 1, 1), threads, 0)?;
     let (images_i, nbands_i, tiles_i) =
         (kernel_int(OP, "images", images)?, nbands as i32, kernel_int(OP, "mask tiles", mask_tiles)?);
@@ -465,7 +510,7 @@ fn cufft_split(
         c2r.exec_c2r(&mut spec, &mut low_n).map_err(cufft_error("cuFFT C2R of the masked spectrum"))?;
     }
 
-    let subtract = function(d, "freq_subtract_f32", 0)?;
+    let subtract = function(k, "freq_subtract_f32", 0)?;
     let cfg = launch_config(OP, (tiles(len, THREADS).min(1 << 16), 1, 1), threads, 0)?;
     let n = len as i64;
     let low_v = low_n.slice(..);
