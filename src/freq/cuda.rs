@@ -3,8 +3,8 @@
 //! Three routes, picked per call by [`CudaFftPath::Auto`]:
 //!
 //! - **fused**: power-of-two `H`, `W` <= 128 whose packed rows and half-spectrum fit one block's
-//!   shared memory (128 x 128 needs about 140 KiB with 5 bands): one launch, one block per image, reading
-//!   `x` once and writing `low`, `high` and the band energies once.
+//!   shared memory (128 x 128 needs about 140 KiB with 5 bands): one launch, one block per
+//!   image, reading `x` once and writing `low`, `high` and the band energies once.
 //! - **three passes**: power-of-two `H`, `W` <= 4096: rows forward (two real rows per complex
 //!   FFT, half-rows written once), columns (forward FFT, mask, band energies, inverse FFT, in
 //!   place), rows inverse (writing `low` and `high = x - low` together), through a half-spectrum
@@ -16,12 +16,13 @@
 //!   [`CudaFftPath::Cufft`] forces it: the benchmark's "cufft+mask" baseline.
 //!
 //! Precision: the FFTs are f32 decimation in time (radix-8 passes, one radix-4 or -2 pass for
-//! the rest) with twiddles from `sincospif` (about `eps log2 n`
-//! relative error); each thread sums its bins' `|X|^2` per band in f32 (a few dozen terms at
-//! most), blocks add their threads' sums in f64 in a fixed order, and per-block partials are
-//! added in f64 in block order, so the band energies are deterministic and carry only the f32
-//! spectrum's round-off. Bin geometry (band and hard-mask side) is computed in f64 exactly as
-//! the reference computes it. At most [`MAX_BANDS`] bands.
+//! the rest) with twiddles from `sincospif` (about `eps log2 n` relative error); each thread
+//! sums its bins' `|X|^2` per band in f32 (about 32 terms), blocks add their threads' sums in
+//! f64 in a fixed order, and per-block partials are added in f64 in block order, so the band
+//! energies are deterministic and carry only the f32 spectrum's round-off. A bin's band and
+//! hard-mask side are the reference's exactly: its radius is taken in f32 from the f64
+//! `fy^2 + fx^2` and recomputed in f64 as the reference rounds it whenever it lies within 1e-6
+//! of an edge or the cutoff. At most [`MAX_BANDS`] bands.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, OnceLock, PoisonError};
