@@ -294,7 +294,7 @@ fn chunk_images(k: &Loaded, dims: FreqDims) -> usize {
     let l2 = k.l2;
     let per_image = dims.height * (dims.width / 2 + 1) * COMPLEX;
     let most = (l2 / 2 / per_image).clamp(1, 65_535);
-    // Equal chunks: 24 images with room for 23 run as 12 + 12, not 23 + 1.
+    // Equal chunks: 25 images with room for 24 run as 13 + 12, not 24 + 1.
     dims.images.div_ceil(dims.images.div_ceil(most))
 }
 
@@ -652,5 +652,80 @@ impl CudaSplitBuffers {
         let high = device.download("high", &self.high)?;
         let energy = device.download("band_energy", &self.energy)?;
         Ok(output(&self.shape, self.nbands, low, high, energy))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// H100-like limits: 227 KiB of opt-in shared memory, 50 MiB of L2.
+    fn hopper() -> Loaded {
+        Loaded { functions: HashMap::new(), optin_shared: 227 * 1024, l2: 50 << 20 }
+    }
+
+    fn dims(images: usize, height: usize, width: usize) -> FreqDims {
+        FreqDims { images, height, width }
+    }
+
+    #[test]
+    fn spectral_params_match_the_kernel_struct_and_cap_the_bands() {
+        assert_eq!(std::mem::size_of::<SpectralParams>(), 160);
+        assert_eq!(std::mem::align_of::<SpectralParams>(), 8);
+        let p = SpectralParams::new(&FreqSplitConfig::default()).unwrap();
+        assert_eq!((p.nedges, p.gaussian), (6, 0));
+        assert_eq!(&p.edges[..6], &[0.0, 0.15, 0.35, 0.45, 0.9, 1.0]);
+        let edges: Vec<f64> = (0..=MAX_BANDS).map(|i| i as f64 / MAX_BANDS as f64).collect();
+        assert!(SpectralParams::new(&FreqSplitConfig { edges: edges.clone(), ..FreqSplitConfig::default() }).is_ok());
+        let mut more = edges;
+        more.insert(1, 0.5 / MAX_BANDS as f64);
+        let err = SpectralParams::new(&FreqSplitConfig { edges: more, ..FreqSplitConfig::default() });
+        assert!(matches!(err, Err(FapeError::Unsupported { .. })));
+    }
+
+    #[test]
+    fn routes_by_size_and_shared_memory() {
+        let k = hopper();
+        let auto = |h, w| route(&k, dims(3, h, w), 5, CudaFftPath::Auto);
+        for (h, w) in [(1, 1), (64, 64), (128, 128), (1, 128), (128, 2)] {
+            assert!(matches!(auto(h, w), Route::Fused { .. }), "{h}x{w}");
+        }
+        for (h, w) in [(256, 128), (512, 512), (1024, 2048), (4096, 4096), (1, 4096), (4096, 1)] {
+            match auto(h, w) {
+                Route::ThreePass { pairs, columns, rows_shared, columns_shared } => {
+                    assert!(pairs >= 1 && (1..=MAX_COLUMNS).contains(&columns), "{h}x{w}");
+                    assert!(rows_shared.max(columns_shared) <= k.optin_shared, "{h}x{w}");
+                }
+                other => panic!("{h}x{w}: {other:?}"),
+            }
+        }
+        for (h, w) in [(7, 5), (33, 20), (8192, 8), (3, 64)] {
+            assert_eq!(auto(h, w), Route::Cufft, "{h}x{w}");
+        }
+        assert_eq!(route(&k, dims(3, 64, 64), 5, CudaFftPath::Cufft), Route::Cufft);
+        // An A100 (163 KiB) still takes 128 x 128 with 16 bands in one launch.
+        let ampere = Loaded { optin_shared: 163 * 1024, ..hopper() };
+        assert!(matches!(route(&ampere, dims(1, 128, 128), 16, CudaFftPath::Auto), Route::Fused { .. }));
+        // Without opt-in shared memory it falls back to the three passes.
+        let small = Loaded { optin_shared: DEFAULT_SHARED, ..hopper() };
+        assert!(matches!(route(&small, dims(1, 128, 128), 5, CudaFftPath::Auto), Route::ThreePass { .. }));
+    }
+
+    #[test]
+    fn fused_shared_memory_counts_padded_rows_spectrum_twiddles_and_band_slots() {
+        // 32 padded rows of 68, 64 x 33 bins, 32 + 32 twiddles; 5 x 256 f32.
+        assert_eq!(fused_shared(64, 64, 5), (32 * 68 + 64 * 33 + 64) * 8 + 5 * 256 * 4);
+        assert_eq!(fused_shared(1, 1, 1), 4 * 8 + 256 * 4);
+    }
+
+    #[test]
+    fn image_chunks_are_equal_and_fit_half_the_l2() {
+        let k = hopper();
+        // A 512 x 512 half-spectrum is 512 * 257 * 8 bytes: 24 fit in 25 MiB.
+        assert_eq!(chunk_images(&k, dims(192, 512, 512)), 24);
+        assert_eq!(chunk_images(&k, dims(24, 512, 512)), 24);
+        assert_eq!(chunk_images(&k, dims(25, 512, 512)), 13);
+        assert_eq!(chunk_images(&k, dims(5, 512, 512)), 5);
+        assert_eq!(chunk_images(&k, dims(3, 4096, 4096)), 1);
     }
 }
