@@ -10,6 +10,7 @@ use candle_core::{CpuStorage, Layout, WithDType};
 use crate::error::FapeError;
 
 pub use crate::attention::candle::attention;
+pub use crate::freq::candle::freq_split;
 
 /// `err` as a candle error (its message keeps the op, tensor and shape).
 pub(crate) fn candle_error(err: FapeError) -> candle_core::Error {

@@ -417,3 +417,145 @@ fn default_config_and_tolerances_are_the_documented_ones() {
     assert_eq!(tolerance_f32(512, 300), TOLERANCE_F32);
     assert!((tolerance_f32(1024, 2048) - TOLERANCE_F32 * 11.0 / 9.0).abs() < 1e-18);
 }
+
+// ---- CUDA (run with FAPE_TEST_CUDA=1 on a GPU machine; skipped elsewhere) ----
+
+/// Shapes of every CUDA route: fused (powers of two up to 128), three passes (powers of two
+/// up to 4096 per side, chunked over images), cuFFT (everything else, `H x 1` and `1 x W`
+/// included).
+const CUDA_FUSED_SHAPES: [[usize; 4]; 7] =
+    [[1, 1, 1, 1], [2, 1, 1, 8], [1, 2, 16, 1], [2, 3, 64, 64], [1, 16, 64, 64], [1, 2, 128, 128], [3, 1, 4, 128]];
+const CUDA_PASS_SHAPES: [[usize; 4]; 6] =
+    [[1, 1, 256, 512], [2, 1, 512, 256], [1, 1, 1, 4096], [1, 1, 4096, 2], [1, 2, 2048, 256], [1, 1, 256, 1]];
+const CUDA_CUFFT_SHAPES: [[usize; 4]; 7] =
+    [[2, 3, 7, 5], [1, 2, 1, 17], [3, 1, 19, 1], [2, 1, 33, 20], [1, 1, 128, 257], [1, 1, 96, 64], [1, 1, 300, 500]];
+
+fn cuda_device(test: &str) -> Option<Device> {
+    device_or_skip(test, DeviceKind::Cuda)
+}
+
+#[test]
+fn cuda_matches_reference_on_every_route_with_both_masks() {
+    let Some(device) = cuda_device("cuda_matches_reference_on_every_route_with_both_masks") else { return };
+    let shapes = CUDA_FUSED_SHAPES.iter().chain(&CUDA_PASS_SHAPES).chain(&CUDA_CUFFT_SHAPES);
+    for (seed, shape) in shapes.enumerate() {
+        for mask in MaskKind::ALL {
+            assert_matches_reference(&device, shape, &config(0.15, mask), 300 + seed as u64);
+        }
+    }
+}
+
+#[test]
+fn cuda_matches_reference_with_custom_cutoff_and_partial_edges() {
+    let Some(device) = cuda_device("cuda_matches_reference_with_custom_cutoff_and_partial_edges") else { return };
+    let config = FreqSplitConfig { cutoff: 0.6, mask: MaskKind::Hard, edges: vec![0.05, 0.2, 0.21, 0.7] };
+    for shape in [[2, 2, 45, 30], [2, 2, 32, 64], [1, 1, 512, 512]] {
+        assert_matches_reference(&device, &shape, &config, 5);
+    }
+}
+
+#[test]
+fn cuda_cufft_baseline_path_matches_reference_at_powers_of_two() {
+    let Some(Device::Cuda(device)) = cuda_device("cuda_cufft_baseline_path_matches_reference_at_powers_of_two") else {
+        return;
+    };
+    for (seed, shape) in [[2, 3, 64, 64], [1, 2, 512, 256]].iter().enumerate() {
+        for mask in MaskKind::ALL {
+            let config = config(0.2, mask);
+            let x = random_image(seed as u64, shape);
+            let view = View::new(OP, "x", &x, shape).unwrap();
+            let mut buffers = freq::CudaSplitBuffers::new(&device, view, &config).expect("upload");
+            buffers.run(&device, &config, freq::CudaFftPath::Cufft).expect("cufft+mask");
+            let got = buffers.download(&device).expect("download");
+            let expected = reference(&x, shape, &config);
+            let tol = tolerance_f32(shape[2], shape[3]);
+            assert_close(&format!("cufft {shape:?} {mask} low"), &got.low.data, &expected.low.data, tol);
+            assert_close(&format!("cufft {shape:?} {mask} high"), &got.high.data, &expected.high.data, tol);
+            let energy = &expected.band_energy.data;
+            assert_close(
+                &format!("cufft {shape:?} {mask} energy"),
+                &got.band_energy.data,
+                energy,
+                BAND_ENERGY_TOLERANCE,
+            );
+        }
+    }
+}
+
+#[test]
+fn cuda_relations_low_plus_high_parseval_cosine_and_full_cutoff() {
+    let Some(device) = cuda_device("cuda_relations_low_plus_high_parseval_cosine_and_full_cutoff") else { return };
+    for shape in [[1, 2, 64, 64], [1, 1, 256, 256], [1, 1, 24, 40]] {
+        let x = random_image(17, &shape);
+        let out = on_device(&device, &x, &shape, &FreqSplitConfig::default());
+        let sum: Vec<f64> =
+            out.low.data.iter().zip(&out.high.data).map(|(l, h)| f64::from(*l) + f64::from(*h)).collect();
+        assert_close(&format!("{shape:?} low + high"), &sum, &widen(&x), 1e-6);
+        let pixels = shape[2] * shape[3];
+        for (image, bands) in x.chunks(pixels).zip(out.band_energy.data.chunks(5)) {
+            let total: f64 = bands.iter().map(|&e| f64::from(e)).sum();
+            let expected = sum_of_squares(image);
+            assert!(
+                (total - expected).abs() <= BAND_ENERGY_TOLERANCE * expected,
+                "{shape:?}: Parseval {total} vs {expected}"
+            );
+        }
+        let all_low = on_device(&device, &x, &shape, &config(1.0, MaskKind::Hard));
+        assert_close(&format!("{shape:?} cutoff 1 low"), &all_low.low.data, &widen(&x), TOLERANCE_F32);
+    }
+    // fy = 4/16: rho = 0.354, band 2; above the cutoff 0.3, so all of it is high.
+    for (h, w) in [(16, 16), (16, 12), (256, 512)] {
+        let x: Vec<f32> = cosine(h, w, 4 * h / 16, 0).iter().map(|&v| v as f32).collect();
+        let out = on_device(&device, &x, &[1, 1, h, w], &config(0.3, MaskKind::Hard));
+        let energy: Vec<f64> = out.band_energy.data.iter().map(|&e| f64::from(e)).collect();
+        let total = sum_of_squares(&x);
+        assert_close(&format!("{h}x{w} cosine bands"), &energy, &[0.0, 0.0, total, 0.0, 0.0], 1e-5);
+        assert_close(&format!("{h}x{w} cosine high"), &out.high.data, &widen(&x), 1e-5);
+    }
+}
+
+#[test]
+fn cuda_is_deterministic_and_propagates_nan() {
+    let Some(device) = cuda_device("cuda_is_deterministic_and_propagates_nan") else { return };
+    for shape in [[2, 1, 64, 64], [2, 1, 512, 512], [2, 1, 30, 50]] {
+        let mut x = random_image(8, &shape);
+        let config = FreqSplitConfig::default();
+        assert_eq!(on_device(&device, &x, &shape, &config), on_device(&device, &x, &shape, &config), "{shape:?}");
+        let pixels = shape[2] * shape[3];
+        x[3] = f32::NAN;
+        let out = on_device(&device, &x, &shape, &config);
+        assert!(out.low.data[..pixels].iter().all(|v| v.is_nan()), "{shape:?}: NaN fills its image");
+        assert!(out.low.data[pixels..].iter().all(|v| v.is_finite()), "{shape:?}: the other image is untouched");
+        assert!(out.band_energy.data[..5].iter().all(|v| v.is_nan()));
+        assert!(out.band_energy.data[5..].iter().all(|v| v.is_finite()));
+    }
+}
+
+#[test]
+fn cuda_rejects_more_bands_than_its_kernels_take() {
+    let Some(device) = cuda_device("cuda_rejects_more_bands_than_its_kernels_take") else { return };
+    let edges: Vec<f64> =
+        (0..=freq::CUDA_MAX_BANDS + 1).map(|i| i as f64 / (freq::CUDA_MAX_BANDS + 1) as f64).collect();
+    let shape = [1, 1, 8, 8];
+    let x = random_image(2, &shape);
+    let result = freq::freq_split(
+        &device,
+        View::new(OP, "x", &x, &shape).unwrap(),
+        &FreqSplitConfig { edges, ..FreqSplitConfig::default() },
+    );
+    assert!(matches!(result, Err(FapeError::Unsupported { op: OP, .. })), "{result:?}");
+}
+
+#[test]
+fn cuda_grey_band_energies_match_the_cpu() {
+    let Some(device) = cuda_device("cuda_grey_band_energies_match_the_cpu") else { return };
+    let edges = [0.0, 0.1, 0.3, 0.7, 1.0];
+    for shape in [[2, 3, 64, 64], [1, 3, 512, 512], [2, 3, 45, 30]] {
+        let rgb = uniform(&mut rng(23), shape.iter().product(), 0.0, 1.0);
+        let view = View::new(OP, "x", &rgb, &shape).unwrap();
+        let got = freq::band_energies_grey(&device, view, &edges).expect("cuda");
+        let expected = freq::band_energies_grey(&Device::Reference, view, &edges).expect("reference");
+        let expected: Vec<f64> = expected.data.iter().map(|&e| f64::from(e)).collect();
+        assert_close(&format!("{shape:?} grey band energies"), &got.data, &expected, BAND_ENERGY_TOLERANCE);
+    }
+}

@@ -33,12 +33,14 @@ pub(crate) const LORA_MOE_CU: (&str, &str) = ("lora_moe.cu", include_str!("../..
 
 /// `kernels/attention.cu`: the attention kernels (row pre-pass, flash forward, naive softmax).
 pub(crate) const ATTENTION_CU: (&str, &str) = ("attention.cu", include_str!("../../kernels/attention.cu"));
+/// `kernels/freq_split.cu`: the FFT frequency split (fused small images, three-pass, cuFFT glue).
+pub(crate) const FREQ_SPLIT_CU: (&str, &str) = ("freq_split.cu", include_str!("../../kernels/freq_split.cu"));
 
 /// Every kernel source shipped in `kernels/*.cu`, as `(file name, CUDA C source)`.
 ///
 /// The device compiles from this list and `tests/kernels_compile.rs` compiles and assembles
 /// every entry, so a kernel file added to the crate must be added here.
-pub const KERNEL_SOURCES: &[(&str, &str)] = &[LORA_MOE_CU, ATTENTION_CU];
+pub const KERNEL_SOURCES: &[(&str, &str)] = &[LORA_MOE_CU, ATTENTION_CU, FREQ_SPLIT_CU];
 
 /// The NVRTC options every kernel is compiled with, besides `--gpu-architecture=<arch>`:
 /// C++17, IEEE-accurate f32 (no fast math: no flush-to-zero, exact division and square root;
@@ -362,6 +364,42 @@ impl CudaDevice {
         let (major, minor) = ctx.compute_capability().map_err(dev_err("reading the compute capability"))?;
         let stream = ctx.new_stream().map_err(dev_err("creating a stream"))?;
         Ok(Self { ctx, stream, arch: arch_for(major, minor).into(), name: name.into(), driver, nvrtc, poison: false })
+    }
+
+    /// A handle on an existing `stream` (such as candle's) and its context: ops launched
+    /// through it run on that stream, and modules load into that context (cached as for
+    /// [`CudaDevice::open`]). Output poisoning is off.
+    ///
+    /// # Errors
+    /// As [`CudaDevice::open`] for the library and version checks; [`FapeError::Device`] when
+    /// the device's name or compute capability cannot be read.
+    pub fn on_stream(stream: Arc<CudaStream>) -> Result<Self> {
+        libcuda().map_err(unavailable)?;
+        libnvrtc().map_err(unavailable)?;
+        no_panic("adopting a CUDA stream", || {
+            let nvrtc = nvrtc_version().map_err(unavailable)?;
+            let driver = driver_version().map_err(|e| open_error("cuDriverGetVersion", e))?;
+            let ctx = stream.context().clone();
+            let name = ctx.name().map_err(dev_err("reading the device name"))?;
+            let (major, minor) = ctx.compute_capability().map_err(dev_err("reading the compute capability"))?;
+            Ok(Self {
+                ctx,
+                stream,
+                arch: arch_for(major, minor).into(),
+                name: name.into(),
+                driver,
+                nvrtc,
+                poison: false,
+            })
+        })
+    }
+
+    /// The device attribute `attribute` (shared memory limits, L2 size, ...).
+    ///
+    /// # Errors
+    /// [`FapeError::Device`] when the driver cannot answer.
+    pub(crate) fn attribute(&self, attribute: cu::CUdevice_attribute) -> Result<i32> {
+        self.ctx.attribute(attribute).map_err(dev_err(format!("reading device attribute {attribute:?}")))
     }
 
     /// One line per CUDA device: ordinal, name, compute capability and NVRTC arch, the CUDA

@@ -13,10 +13,14 @@
 //!   the last band closed at its top, so with edges covering `[0,1]` the bands sum to
 //!   `sum x^2` (Parseval).
 
+pub(crate) mod candle;
 mod check;
 mod cpu;
 #[cfg(feature = "cube")]
 mod cube;
+#[cfg(feature = "cuda")]
+mod cuda;
+mod hints;
 pub mod reference;
 mod spectrum;
 
@@ -25,9 +29,12 @@ use std::str::FromStr;
 
 use crate::backend::Device;
 use crate::error::{config_error, FapeError, Result};
-use crate::tensor::{expect_nonempty, expect_shape, Tensor, View};
+use crate::tensor::{Tensor, View};
 
 pub(crate) use check::check_rows;
+#[cfg(feature = "cuda")]
+pub use cuda::{CudaFftPath, CudaSplitBuffers, MAX_BANDS as CUDA_MAX_BANDS};
+pub use hints::{band_energies_grey, BT601_LUMA};
 
 /// The op's name in errors and in the check table.
 pub const OP: &str = "freq_split";
@@ -185,11 +192,25 @@ impl FreqDims {
 
 /// Validates `x` (`[B,C,H,W]`, non-empty) and `config`; returns the extents.
 pub(crate) fn validate<T>(x: &View<'_, T>, config: &FreqSplitConfig) -> Result<FreqDims> {
-    expect_shape(OP, "x", x, "[B,C,H,W]", &[None; 4])?;
-    expect_nonempty(OP, "x", x)?;
+    validate_shape(x.shape(), config)
+}
+
+/// Validates the shape of `x` (`[B,C,H,W]`, non-empty) and `config`; returns the extents.
+pub(crate) fn validate_shape(shape: &[usize], config: &FreqSplitConfig) -> Result<FreqDims> {
+    let shape_error = |expected: &str| FapeError::Shape {
+        op: OP,
+        tensor: "x",
+        expected: expected.to_string(),
+        actual: shape.to_vec(),
+    };
+    let &[b, c, h, w] = shape else {
+        return Err(shape_error("[B,C,H,W]"));
+    };
+    if shape.iter().product::<usize>() == 0 {
+        return Err(shape_error("at least one element"));
+    }
     config.validate()?;
-    let s = x.shape();
-    Ok(FreqDims { images: s[0] * s[1], height: s[2], width: s[3] })
+    Ok(FreqDims { images: b * c, height: h, width: w })
 }
 
 /// Assembles the output tensors from flat buffers; `shape` is `x`'s `[B,C,H,W]`.
@@ -207,18 +228,15 @@ pub(crate) fn output<T>(
     }
 }
 
-/// Why the CUDA backend answers [`FapeError::Unsupported`] for now.
-#[cfg(feature = "cuda")]
-const GPU_PENDING: &str = "the CUDA FFT kernels land with issue #4";
-
 /// The frequency split on `device`. `x`: `[B,C,H,W]` f32 (any `H`, `W` >= 1); returns `low`
 /// and `high` `[B,C,H,W]` and `band_energy` `[B,C,nbands]`, all f32. NaN in `x` propagates to
 /// its image's outputs.
 ///
 /// # Errors
 /// [`FapeError::Shape`] naming `x` when it is empty or not rank 4; [`FapeError::Config`] as
-/// [`FreqSplitConfig::validate`]; [`FapeError::Unsupported`] on CUDA until its FFT kernels land
-/// (issue #4), and on Cube for extents past 32-bit indexing.
+/// [`FreqSplitConfig::validate`]; [`FapeError::Unsupported`] on CUDA beyond `CUDA_MAX_BANDS` (16)
+/// bands or, for sizes other than powers of two up to 4096, without libcufft, and on Cube and
+/// CUDA for extents past 32-bit indexing.
 pub fn freq_split(device: &Device, x: View<'_, f32>, config: &FreqSplitConfig) -> Result<FreqSplitOutput<f32>> {
     let dims = validate(&x, config)?;
     match device {
@@ -227,6 +245,6 @@ pub fn freq_split(device: &Device, x: View<'_, f32>, config: &FreqSplitConfig) -
         #[cfg(feature = "cube")]
         Device::Cube(d) => cube::freq_split(d, x, dims, config),
         #[cfg(feature = "cuda")]
-        Device::Cuda(_) => Err(device.unsupported(OP, GPU_PENDING)),
+        Device::Cuda(d) => cuda::freq_split(d, x, dims, config),
     }
 }

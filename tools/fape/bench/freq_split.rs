@@ -1,16 +1,108 @@
-//! `fape bench freq-split` (issue #4).
+//! `fape bench freq-split`: the frequency split at the production shapes on every backend asked
+//! for, with effective bandwidth (12 bytes per pixel: read `x`, write `low` and `high`) beside
+//! the cuFFT-plus-mask baseline measured in the same run.
+//!
+//! CUDA rows keep `x` and the outputs on the device and time `reps` back-to-back splits
+//! between CUDA events (`fape` = this crate's kernels, `cufft+mask` = cuFFT R2C, the mask and
+//! energy kernel, cuFFT C2R and a subtraction). Host backends are timed on the host, and the
+//! Cube backend's time includes its transfers (variant `cube+copies`). The CPU skips shapes
+//! above `--cpu-max-pixels` (too slow to be useful).
 
 use clap::Args as ClapArgs;
-use fape_kernels::{FapeError, Result};
+use fape_kernels::bench::{host_timed, measure, BenchPlan, BenchRow, BenchTable, Work};
+use fape_kernels::freq::{freq_split, FreqSplitConfig, MaskKind, OP};
+use fape_kernels::testing::{rng, uniform};
+use fape_kernels::{Device, DeviceKind, FapeError, Result, View};
+
+/// The issue's shapes, `[B,C,H,W]`.
+const DEFAULT_SHAPES: [[usize; 4]; 4] = [[8, 3, 512, 512], [64, 3, 512, 512], [1, 3, 1024, 1024], [1, 16, 64, 64]];
 
 /// Arguments of this benchmark.
 #[derive(ClapArgs)]
-pub struct Args {}
+pub struct Args {
+    /// Backends to run (repeatable) [default: cuda and cpu, those present].
+    #[arg(long = "device")]
+    devices: Vec<DeviceKind>,
+    /// Shapes `BxCxHxW`, comma-separated [default: 8x3x512x512,64x3x512x512,1x3x1024x1024,1x16x64x64].
+    #[arg(long, value_delimiter = ',')]
+    shapes: Vec<String>,
+    /// Mask shape.
+    #[arg(long, default_value = "hard")]
+    mask: MaskKind,
+    /// Normalised cutoff radius.
+    #[arg(long, default_value_t = 0.15)]
+    cutoff: f64,
+    /// Minimum measured time per row, milliseconds.
+    #[arg(long, default_value_t = 500)]
+    min_time_ms: u64,
+    /// The CPU backend runs only shapes of at most this many pixels.
+    #[arg(long, default_value_t = 1 << 23)]
+    cpu_max_pixels: usize,
+}
+
+fn parse_shape(s: &str) -> Result<[usize; 4]> {
+    let bad = || FapeError::Config { op: "bench", field: "shapes", message: format!("`{s}` is not BxCxHxW") };
+    let dims: Vec<usize> = s.split('x').map(|d| d.trim().parse().map_err(|_| bad())).collect::<Result<_>>()?;
+    dims.try_into().map_err(|_| bad())
+}
 
 /// Runs the benchmark and prints its table.
 ///
 /// # Errors
-/// Always, until issue #4 lands it.
-pub fn run(_args: Args) -> Result<()> {
-    Err(FapeError::Unsupported { op: "bench", backend: "any", what: "not written yet (issue #4)".into() })
+/// Bad flags, a backend asked for by name that is missing, or an op error.
+pub fn run(args: Args) -> Result<()> {
+    let shapes: Vec<[usize; 4]> = if args.shapes.is_empty() {
+        DEFAULT_SHAPES.to_vec()
+    } else {
+        args.shapes.iter().map(|s| parse_shape(s)).collect::<Result<_>>()?
+    };
+    let devices = if args.devices.is_empty() {
+        [DeviceKind::Cuda, DeviceKind::Cpu].into_iter().filter_map(|k| Device::open(k).ok()).collect()
+    } else {
+        args.devices.iter().map(|&k| Device::open(k)).collect::<Result<Vec<_>>>()?
+    };
+    let config = FreqSplitConfig { cutoff: args.cutoff, mask: args.mask, ..FreqSplitConfig::default() };
+    config.validate()?;
+    let plan = BenchPlan { min_time: std::time::Duration::from_millis(args.min_time_ms), ..BenchPlan::default() };
+    let mut table = BenchTable::new(format!("{OP} ({} mask, cutoff {})", config.mask, config.cutoff), "cufft+mask");
+    for shape in &shapes {
+        let label = format!("{}x{}x{}x{}", shape[0], shape[1], shape[2], shape[3]);
+        let len: usize = shape.iter().product();
+        let x = uniform(&mut rng(4), len, -1.0, 1.0);
+        let view = View::new(OP, "x", &x, shape)?;
+        let work = Work::Bytes(12.0 * len as f64);
+        for device in &devices {
+            let mut push = |variant: &str, timing| {
+                table.rows.push(BenchRow {
+                    shape: label.clone(),
+                    variant: variant.to_string(),
+                    backend: device.kind().name().to_string(),
+                    timing,
+                    work,
+                })
+            };
+            match device {
+                #[cfg(feature = "cuda")]
+                Device::Cuda(d) => {
+                    use fape_kernels::freq::{CudaFftPath, CudaSplitBuffers};
+                    let mut buffers = CudaSplitBuffers::new(d, view, &config)?;
+                    // Enough back-to-back splits per event pair that a run is well above the
+                    // event resolution (about 0.5 us).
+                    let reps = ((1usize << 24) / len).clamp(1, 200);
+                    for (variant, path) in [("cufft+mask", CudaFftPath::Cufft), ("fape", CudaFftPath::Auto)] {
+                        push(variant, measure(plan, || buffers.time_runs(d, &config, path, reps))?);
+                    }
+                }
+                _ if device.kind() == DeviceKind::Cpu && len > args.cpu_max_pixels => {
+                    eprintln!("bench: cpu skips {label} ({len} pixels > --cpu-max-pixels {})", args.cpu_max_pixels);
+                }
+                _ => {
+                    let variant = if device.kind() == DeviceKind::Cube { "cube+copies" } else { "host" };
+                    push(variant, measure(plan, || host_timed(|| freq_split(device, view, &config)))?);
+                }
+            }
+        }
+    }
+    print!("{table}");
+    Ok(())
 }
