@@ -15,6 +15,7 @@ pub mod error;
 pub mod freq;
 pub mod io;
 pub mod lora_moe;
+pub mod pipeline;
 pub mod tensor;
 pub mod testing;
 

@@ -1,0 +1,3 @@
+//! The restoration pipeline around the kernels (issue #6): images in and out ([`image`]).
+
+pub mod image;
