@@ -86,6 +86,11 @@ impl Image {
         Ok(())
     }
 
+    /// The same extents with every value mapped through `f`.
+    pub fn map(&self, f: impl Fn(f32) -> f32) -> Image {
+        Image { width: self.width, height: self.height, data: self.data.iter().map(|&v| f(v)).collect() }
+    }
+
     /// Pixels per channel, `H * W`.
     pub fn pixels(&self) -> usize {
         self.width * self.height

@@ -7,6 +7,8 @@
 mod bench;
 mod check;
 mod op;
+mod plan;
+mod split;
 
 use std::process::ExitCode;
 
@@ -32,6 +34,10 @@ enum Command {
     Check(check::CheckArgs),
     /// Time an op (or the whole pipeline) beside its baseline from the same run.
     Bench(bench::BenchArgs),
+    /// The built-in planner's plan line for an image, with the statistics it read.
+    Plan(plan::PlanArgs),
+    /// Write an image's low- and high-frequency parts and its spectrum with the cutoff drawn.
+    Split(split::SplitArgs),
 }
 
 fn main() -> ExitCode {
@@ -56,6 +62,8 @@ fn main() -> ExitCode {
         }
         Command::Check(args) => check::run(args),
         Command::Bench(args) => bench::run(args),
+        Command::Plan(args) => plan::run(args).map(|()| ExitCode::SUCCESS),
+        Command::Split(args) => split::run(args).map(|()| ExitCode::SUCCESS),
     };
     result.unwrap_or_else(|err| {
         let message = err.to_string();
