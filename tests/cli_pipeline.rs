@@ -114,3 +114,24 @@ fn bad_images_exit_2_with_one_line_naming_the_file() {
         assert_bad_input(&fape(&["split", shown, "--out-dir", scratch("never").to_str().unwrap()]), &[shown]);
     }
 }
+
+#[test]
+fn openai_planner_falls_back_with_one_warning_and_flags_are_checked() {
+    let path = scratch("small.png");
+    scene(9, 200, 150).save(&path).unwrap();
+    let shown = path.to_str().unwrap();
+    // Nothing listens on a port just released.
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let endpoint = format!("http://127.0.0.1:{port}/v1");
+    let out = fape(&["plan", shown, "--planner", "openai", "--endpoint", &endpoint, "--model", "m", "--json"]);
+    let json: serde_json::Value = serde_json::from_str(&stdout(&out)).unwrap();
+    assert_eq!((json["task"].as_str(), json["planner"].as_str()), (Some("super_resolution"), Some("builtin")));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let warnings: Vec<&str> = stderr.lines().filter(|l| !l.contains("XDG_RUNTIME_DIR")).collect();
+    assert!(warnings.len() == 1 && warnings[0].starts_with("warning: cannot connect"), "{stderr}");
+
+    assert_bad_input(&fape(&["plan", shown, "--planner", "openai", "--model", "m"]), &["endpoint"]);
+    assert_bad_input(&fape(&["plan", shown, "--endpoint", &endpoint]), &["endpoint", "openai"]);
+    let zero = ["plan", shown, "--planner", "openai", "--endpoint", &endpoint, "--model", "m", "--timeout", "0"];
+    assert_bad_input(&fape(&zero), &["timeout"]);
+}

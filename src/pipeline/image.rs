@@ -196,9 +196,31 @@ impl Image {
         self.validate()?;
         let format = image::ImageFormat::from_path(path)
             .map_err(|_| file_error(path, "unknown image extension (use .png, .jpg or .tif)"))?;
+        let buffer = self.to_rgb8().map_err(|message| file_error(path, message))?;
+        buffer.save_with_format(path, format).map_err(|e| file_error(path, format!("cannot write image: {e}")))
+    }
+
+    /// The image as an in-memory 8-bit RGB PNG (as [`Image::save`] writes it).
+    ///
+    /// # Errors
+    /// [`FapeError::Shape`]/[`FapeError::Layout`] as [`Image::validate`]; [`FapeError::File`]
+    /// (path `<memory>`) when an extent is past `u32` or the encoder fails.
+    pub fn encode_png(&self) -> Result<Vec<u8>> {
+        self.validate()?;
+        let memory = Path::new("<memory>");
+        let buffer = self.to_rgb8().map_err(|message| file_error(memory, message))?;
+        let mut bytes = std::io::Cursor::new(Vec::new());
+        buffer
+            .write_to(&mut bytes, image::ImageFormat::Png)
+            .map_err(|e| file_error(memory, format!("cannot encode PNG: {e}")))?;
+        Ok(bytes.into_inner())
+    }
+
+    /// Interleaved 8-bit RGB of a validated image; the error says why it cannot be.
+    fn to_rgb8(&self) -> std::result::Result<image::RgbImage, String> {
         let (w, h) = match (u32::try_from(self.width), u32::try_from(self.height)) {
             (Ok(w), Ok(h)) => (w, h),
-            _ => return Err(file_error(path, format!("image of {}x{} is too large", self.width, self.height))),
+            _ => return Err(format!("image of {}x{} is too large", self.width, self.height)),
         };
         let plane = self.pixels();
         let mut bytes = Vec::with_capacity(3 * plane);
@@ -207,9 +229,7 @@ impl Image {
                 bytes.push(to_u8(self.data[c * plane + i]));
             }
         }
-        let buffer = image::RgbImage::from_raw(w, h, bytes)
-            .ok_or_else(|| file_error(path, "internal: buffer does not match the image size"))?;
-        buffer.save_with_format(path, format).map_err(|e| file_error(path, format!("cannot write image: {e}")))
+        image::RgbImage::from_raw(w, h, bytes).ok_or_else(|| "buffer does not match the image size".to_string())
     }
 }
 

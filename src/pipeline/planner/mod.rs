@@ -9,6 +9,7 @@
 //! and super-resolution restore high frequencies; haze and low light low ones).
 //! [`PlanLine::parse`] validates such a line from any source (an MLLM planner).
 
+pub mod openai;
 pub mod rules;
 pub mod stats;
 
@@ -269,6 +270,11 @@ impl Plan {
         // Writing into a String cannot fail.
         let _ = write_line(&mut out, self.task, self.focus, &self.rationale, &self.pipeline);
         out
+    }
+
+    /// The plan of a validated line (from any planner) for an image with statistics `stats`.
+    pub fn from_line(line: PlanLine, stats: Statistics) -> Self {
+        Self { task: line.task, focus: line.focus, rationale: line.rationale, pipeline: line.pipeline, stats }
     }
 
     /// Parses and validates a plan line, see [`PlanLine::parse`].

@@ -138,3 +138,91 @@ pub fn decide(s: &Statistics) -> (Task, String) {
         .unwrap_or(&all[all.len() - 1]);
     (closest.task, format!("weak evidence, nearest threshold: {}", closest.reason))
 }
+
+/// How far on the wrong side of its threshold a task's statistic must be, as a factor, before
+/// another planner's choice of that task counts as contradicting the statistics.
+pub const CONTRADICTION_FACTOR: f64 = 2.0;
+
+/// Why choosing `task` contradicts `s`, if it does: the size rule (super-resolution exactly
+/// when both sides are under 512 px), or the built-in rules firing for another task while
+/// `task`'s own statistic is more than [`CONTRADICTION_FACTOR`] on the wrong side of its
+/// threshold. Weak evidence never contradicts: only a rule that fires does.
+pub fn contradiction(s: &Statistics, task: Task) -> Option<String> {
+    let small = s.is_small();
+    if small != (task == Task::SuperResolution) {
+        let size = format!("the input is {}x{}", s.width, s.height);
+        return Some(if small {
+            format!("{size}, under 512 px on both sides, so the task is super_resolution")
+        } else {
+            format!("{size}, not under 512 px on both sides, so the task is not super_resolution")
+        });
+    }
+    if small {
+        return None;
+    }
+    let all = evidence(s);
+    let fired = all.iter().find(|e| e.margin > 0.0)?;
+    let chosen = all.iter().find(|e| e.task == task)?;
+    if fired.task == task || chosen.margin >= -CONTRADICTION_FACTOR.ln() {
+        return None;
+    }
+    Some(format!("for {task}: {}; the statistics point to {}: {}", chosen.reason, fired.task, fired.reason))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn stats(width: usize, height: usize) -> Statistics {
+        Statistics {
+            width,
+            height,
+            mean_luminance: 0.45,
+            dark_channel: 0.15,
+            saturation: 0.55,
+            noise_sigma: 1e-4,
+            laplacian: 0.5,
+            mid_over_low: 0.05,
+            outer_over_inner: 0.015,
+            streak_strength: 0.05,
+            anisotropy: 0.1,
+            streak_angle_deg: 0.0,
+            snow_density: 1.0,
+        }
+    }
+
+    #[test]
+    fn priority_order_and_weak_evidence() {
+        let mut s = stats(512, 384);
+        s.noise_sigma = 0.05;
+        s.snow_density = 20.0;
+        assert_eq!(decide(&s).0, Task::Denoising, "noise is read before snow");
+        s.mean_luminance = 0.05;
+        assert_eq!(decide(&s).0, Task::LowLightEnhancement, "low light explains the noise");
+        let clean = stats(512, 384);
+        let (task, why) = decide(&clean);
+        assert!(why.starts_with("weak evidence"), "{task}: {why}");
+        assert_eq!(decide(&stats(511, 300)).0, Task::SuperResolution);
+        assert_ne!(decide(&stats(300, 512)).0, Task::SuperResolution, "512 on one side is not small");
+    }
+
+    #[test]
+    fn contradictions_follow_size_and_firing_rules() {
+        let small = stats(256, 200);
+        assert!(contradiction(&small, Task::SuperResolution).is_none());
+        assert!(contradiction(&small, Task::Deraining).unwrap().contains("super_resolution"));
+        let mut rainy = stats(512, 384);
+        assert!(contradiction(&rainy, Task::SuperResolution).is_some());
+        // Nothing fires: no choice contradicts.
+        assert!(Task::ALL[..6].iter().all(|&t| contradiction(&rainy, t).is_none()));
+        rainy.streak_strength = 0.5;
+        assert!(contradiction(&rainy, Task::Deraining).is_none());
+        // Snow density 1.0 is 4x under its threshold of 4: contradicted. Blur's ratio 0.015 is
+        // 5x over its 0.003: contradicted.
+        assert!(contradiction(&rainy, Task::Desnowing).unwrap().contains("deraining"));
+        assert!(contradiction(&rainy, Task::Deblurring).is_some());
+        // Snow density 3.0 is within a factor 2 of its threshold: a judgement call, allowed.
+        rainy.snow_density = 3.0;
+        assert!(contradiction(&rainy, Task::Desnowing).is_none());
+    }
+}
