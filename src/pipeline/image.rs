@@ -271,6 +271,24 @@ mod tests {
     }
 
     #[test]
+    fn tiff_and_jpeg_round_trip() {
+        let image = gradient(40, 24);
+        // TIFF is lossless (8-bit rounding only); JPEG is lossy, and its chroma subsampling
+        // smears the blue sawtooth, so it is held to a mean difference.
+        for (name, tolerance) in [("round.tif", 0.5 / 255.0 + 1e-6), ("round.jpg", 0.05)] {
+            let path = scratch(name);
+            image.save(&path).unwrap();
+            let back = Image::load(&path).unwrap();
+            assert_eq!((back.width, back.height), (40, 24), "{name}");
+            let diffs: Vec<f32> = image.data.iter().zip(&back.data).map(|(a, b)| (a - b).abs()).collect();
+            let (worst, mean) = (diffs.iter().cloned().fold(0.0f32, f32::max), diffs.iter().sum::<f32>() / 2880.0);
+            let measured = if name.ends_with(".tif") { worst } else { mean };
+            assert!(measured <= tolerance, "{name}: difference {measured} (worst {worst}, mean {mean})");
+        }
+        assert!(image.save(&scratch("round.xyz")).is_err());
+    }
+
+    #[test]
     fn sixteen_bit_keeps_full_precision() {
         let path = scratch("deep.png");
         let values: Vec<u16> = (0..12u16).map(|i| 1 + i * 5003).collect();

@@ -381,6 +381,12 @@ mod tests {
         assert_eq!(json["task"], "super_resolution");
         assert_eq!(json["statistics"]["width"], 64);
         assert_eq!(json["line"], plan.line());
+        for (w, h) in [(1, 1), (1, 7), (3, 600)] {
+            let tiny = Image::from_fn(w, h, |x, y| [0.5, (x + y) as f32 * 0.001, 0.2]);
+            // Degenerate extents plan without panicking; 600 px on one side is not small.
+            let task = super::plan(&tiny).unwrap().task;
+            assert_eq!(task == Task::SuperResolution, h < 512, "{w}x{h}: {task}");
+        }
         let mut nan = image.clone();
         nan.data[5] = f32::NAN;
         assert!(matches!(super::plan(&nan), Err(FapeError::Config { field: "image", .. })));
