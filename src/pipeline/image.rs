@@ -135,23 +135,6 @@ impl Image {
         r.iter().zip(g).zip(b).map(|((&r, &g), &b)| 0.299 * r + 0.587 * g + 0.114 * b).collect()
     }
 
-    /// A grey `[H,W]` plane (row-major) copied into all three channels.
-    ///
-    /// # Errors
-    /// [`FapeError::Shape`]/[`FapeError::Layout`] as [`Image::new`].
-    pub fn from_grey(width: usize, height: usize, grey: &[f32]) -> Result<Self> {
-        if grey.len() != width * height {
-            return Err(FapeError::Layout {
-                op: OP,
-                tensor: "grey",
-                len: grey.len(),
-                shape: vec![height, width],
-                needed: width * height,
-            });
-        }
-        Self::new(width, height, grey.repeat(3))
-    }
-
     /// Reads a PNG, JPEG or TIFF file (the format is read from the content, not the extension)
     /// into RGB `[0,1]`, converting as the module documentation says.
     ///

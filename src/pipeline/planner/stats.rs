@@ -180,7 +180,7 @@ pub struct BandRatios {
 /// None in practice (the plane is non-empty and the default config valid); the split's errors
 /// pass through.
 pub fn band_ratios(grey: &Plane) -> Result<BandRatios> {
-    // TODO(merge): use fape_kernels::freq::band_energies_grey(device, rgb_view, edges) once it lands.
+    // TODO(merge): use freq::band_energies_grey(device, rgb_view, edges), minus the DC bin (H W mean^2) in band 0.
     let mean = mean_luminance(grey) as f32;
     let centred: Vec<f32> = grey.data.iter().map(|v| v - mean).collect();
     let shape = [1, 1, grey.height, grey.width];
