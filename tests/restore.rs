@@ -8,7 +8,7 @@ use std::process::{Command, Output};
 use candle_core::{DType, Device};
 use fape_kernels::pipeline::restore::{restore, test_scene, Pipeline, WeightsSource};
 use fape_kernels::pipeline::flux::ExecPath;
-use fape_kernels::pipeline::standin::Image;
+use fape_kernels::pipeline::image::Image;
 use fape_kernels::pipeline::vae::{Vae, VaeConfig};
 use fape_kernels::FapeError;
 

@@ -29,10 +29,10 @@ use image::Rgb32FImage;
 use super::vae::{Vae, VaeConfig};
 use crate::error::{config_error, FapeError, Result};
 
-// The other branches' modules (image, planner, flux, weights); temporary stand-ins until merge.
 use super::flux::{one_step, ExecPath, FluxConfig, FluxTransformer, PlanEncoder};
 use super::weights;
-use super::standin::{plan, Image, Plan};
+use super::image::Image;
+use super::planner::{plan, Plan};
 
 /// Pipeline presets and the longest image side each restores at full resolution.
 const PRESET_MAX_SIDE: [(&str, usize); 2] = [("flux-dev", 1024), ("tiny", 512)];

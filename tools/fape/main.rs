@@ -9,6 +9,8 @@ mod check;
 mod op;
 mod restore;
 mod weights;
+mod plan;
+mod split;
 
 use std::process::ExitCode;
 
@@ -38,6 +40,10 @@ enum Command {
     Restore(restore::RestoreArgs),
     /// Write synthetic executor weights (`fape weights synth --preset P --out DIR`).
     Weights(weights::WeightsArgs),
+    /// The built-in planner's plan line for an image, with the statistics it read.
+    Plan(plan::PlanArgs),
+    /// Write an image's low- and high-frequency parts and its spectrum with the cutoff drawn.
+    Split(split::SplitArgs),
 }
 
 fn main() -> ExitCode {
@@ -64,6 +70,8 @@ fn main() -> ExitCode {
         Command::Bench(args) => bench::run(args),
         Command::Restore(args) => restore::run(args).map(|()| ExitCode::SUCCESS),
         Command::Weights(args) => weights::run(args).map(|()| ExitCode::SUCCESS),
+        Command::Plan(args) => plan::run(args).map(|()| ExitCode::SUCCESS),
+        Command::Split(args) => split::run(args).map(|()| ExitCode::SUCCESS),
     };
     result.unwrap_or_else(|err| {
         let message = err.to_string();

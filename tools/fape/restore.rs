@@ -7,7 +7,7 @@ use candle_core::{DType, Device};
 use clap::{Args, ValueEnum};
 use fape_kernels::pipeline::restore::{restore, Pipeline, WeightsSource};
 use fape_kernels::pipeline::flux::ExecPath;
-use fape_kernels::pipeline::standin::Image;
+use fape_kernels::pipeline::image::Image;
 use fape_kernels::{FapeError, Result};
 
 /// Where the pipeline runs.

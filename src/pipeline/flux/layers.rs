@@ -5,7 +5,7 @@
 
 use candle_core::{DType, Tensor, D};
 
-use super::ops_shim;
+
 use super::ExecPath;
 use crate::attention::{AttentionConfig, RMS_EPS};
 
@@ -83,7 +83,7 @@ pub(crate) fn attention(
     path: ExecPath,
 ) -> candle_core::Result<Tensor> {
     if path == ExecPath::Fused {
-        return ops_shim::attention(q, k, v, norms, rope, &AttentionConfig::default());
+        return crate::candle_ops::attention(q, k, v, norms, rope, &AttentionConfig::default());
     }
     let dtype = q.dtype();
     let prepare = |x: &Tensor, norm: Option<&Tensor>| -> candle_core::Result<Tensor> {
