@@ -132,7 +132,8 @@ impl Image {
     /// Luma `0.299 R + 0.587 G + 0.114 B` (ITU-R BT.601), row-major `[H,W]`.
     pub fn to_grey(&self) -> Vec<f32> {
         let (r, g, b) = (self.channel(0), self.channel(1), self.channel(2));
-        r.iter().zip(g).zip(b).map(|((&r, &g), &b)| 0.299 * r + 0.587 * g + 0.114 * b).collect()
+        let [wr, wg, wb] = crate::freq::BT601_LUMA;
+        r.iter().zip(g).zip(b).map(|((&r, &g), &b)| wr * r + wg * g + wb * b).collect()
     }
 
     /// Reads a PNG, JPEG or TIFF file (the format is read from the content, not the extension)

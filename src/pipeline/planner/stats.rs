@@ -8,7 +8,6 @@ use crate::error::Result;
 use crate::freq::{self, FreqSplitConfig};
 use crate::pipeline::filters::{self, Plane};
 use crate::pipeline::image::Image;
-use crate::tensor::View;
 
 /// Side of the square tiles over which [`streaks`] measures local orientation.
 pub const STREAK_TILE: usize = 32;
@@ -58,7 +57,7 @@ impl Statistics {
         image.validate()?;
         let grey = Plane::grey(image);
         let noise = noise_sigma(&grey);
-        let bands = band_ratios(&grey)?;
+        let bands = band_ratios(image, mean_luminance(&grey))?;
         let streaks = streaks(&grey);
         Ok(Self {
             width: image.width,
@@ -174,20 +173,18 @@ pub struct BandRatios {
     pub outer_over_inner: f64,
 }
 
-/// The band ratios of `grey`, computed by [`freq::freq_split`] on the CPU backend.
+/// The band ratios of `image`'s BT.601 grey plane, whose mean is `grey_mean`: the band energies
+/// of [`freq::band_energies_grey`] on the CPU backend, less the DC bin (`H W mean^2`) in band 0.
 ///
 /// # Errors
-/// None in practice (the plane is non-empty and the default config valid); the split's errors
-/// pass through.
-pub fn band_ratios(grey: &Plane) -> Result<BandRatios> {
-    // TODO(merge): use freq::band_energies_grey(device, rgb_view, edges), minus the DC bin (H W mean^2) in band 0.
-    let mean = mean_luminance(grey) as f32;
-    let centred: Vec<f32> = grey.data.iter().map(|v| v - mean).collect();
-    let shape = [1, 1, grey.height, grey.width];
-    let config = FreqSplitConfig::default();
-    let out = freq::freq_split(&Device::Cpu, View::new(freq::OP, "x", &centred, &shape)?, &config)?;
-    let e: Vec<f64> = out.band_energy.data.iter().map(|&v| v as f64).collect();
-    let low = e[0].max(1e-12);
+/// The hints' shape errors when `image` breaks its invariants.
+pub fn band_ratios(image: &Image, grey_mean: f64) -> Result<BandRatios> {
+    let shape = image.shape();
+    let edges = FreqSplitConfig::default().edges;
+    let energy = freq::band_energies_grey(&Device::Cpu, image.view(&shape)?, &edges)?;
+    let e: Vec<f64> = energy.data.iter().map(|&v| v as f64).collect();
+    let dc = (image.width * image.height) as f64 * grey_mean * grey_mean;
+    let low = (e[0] - dc).max(1e-12);
     Ok(BandRatios { mid_over_low: (e[1] + e[2]) / low, outer_over_inner: (e[3] + e[4]) / low })
 }
 
@@ -356,7 +353,7 @@ mod tests {
         // and 0.566 (outer), each on an exact bin of a 120-wide image.
         let tone = |x: usize, period: f32| (std::f32::consts::TAU * x as f32 / period).sin();
         let image = grey_image(120, 16, |x, _| 0.5 + 0.2 * tone(x, 40.0) + 0.1 * tone(x, 5.0) + 0.05 * tone(x, 2.5));
-        let r = band_ratios(&Plane::grey(&image)).unwrap();
+        let r = band_ratios(&image, mean_luminance(&Plane::grey(&image))).unwrap();
         assert!((r.mid_over_low - 0.25).abs() < 1e-3, "{r:?}");
         assert!((r.outer_over_inner - 0.0625).abs() < 1e-3, "{r:?}");
     }
