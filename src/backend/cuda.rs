@@ -31,11 +31,15 @@ const BACKEND: &str = "cuda";
 /// `kernels/lora_moe.cu`: the LoRA-MoE kernels (token low-pass, fused expert dispatch).
 pub(crate) const LORA_MOE_CU: (&str, &str) = ("lora_moe.cu", include_str!("../../kernels/lora_moe.cu"));
 
+/// `kernels/lora_moe_bf16.cu`: the fused bf16 LoRA-MoE path (shrink/energy, gate/filter, weight packing).
+pub(crate) const LORA_MOE_BF16_CU: (&str, &str) =
+    ("lora_moe_bf16.cu", include_str!("../../kernels/lora_moe_bf16.cu"));
+
 /// Every kernel source shipped in `kernels/*.cu`, as `(file name, CUDA C source)`.
 ///
 /// The device compiles from this list and `tests/kernels_compile.rs` compiles and assembles
 /// every entry, so a kernel file added to the crate must be added here.
-pub const KERNEL_SOURCES: &[(&str, &str)] = &[LORA_MOE_CU];
+pub const KERNEL_SOURCES: &[(&str, &str)] = &[LORA_MOE_CU, LORA_MOE_BF16_CU];
 
 /// The NVRTC options every kernel is compiled with, besides `--gpu-architecture=<arch>`:
 /// C++17, IEEE-accurate f32 (no fast math: no flush-to-zero, exact division and square root;
@@ -321,6 +325,21 @@ impl CudaDevice {
         let name = ctx.name().map_err(dev_err("reading the device name"))?;
         let (major, minor) = ctx.compute_capability().map_err(dev_err("reading the compute capability"))?;
         let stream = ctx.new_stream().map_err(dev_err("creating a stream"))?;
+        Ok(Self { ctx, stream, arch: arch_for(major, minor).into(), name: name.into(), driver, nvrtc, poison: false })
+    }
+
+    /// A handle running on an existing `stream` (such as candle's), in that stream's context.
+    ///
+    /// # Errors
+    /// [`FapeError::BackendUnavailable`] when libnvrtc is absent; [`FapeError::Device`] when the
+    /// driver cannot report the device's name or compute capability.
+    pub fn from_stream(stream: Arc<CudaStream>) -> Result<Self> {
+        libnvrtc().map_err(unavailable)?;
+        let nvrtc = nvrtc_version().map_err(unavailable)?;
+        let driver = driver_version().map_err(dev_err("cuDriverGetVersion"))?;
+        let ctx = stream.context().clone();
+        let name = ctx.name().map_err(dev_err("reading the device name"))?;
+        let (major, minor) = ctx.compute_capability().map_err(dev_err("reading the compute capability"))?;
         Ok(Self { ctx, stream, arch: arch_for(major, minor).into(), name: name.into(), driver, nvrtc, poison: false })
     }
 
