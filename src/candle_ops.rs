@@ -9,6 +9,8 @@ use candle_core::{CpuStorage, Layout, WithDType};
 
 use crate::error::FapeError;
 
+pub use crate::lora_moe::candle::{lora_moe, LoraMoeWeights};
+
 /// `err` as a candle error (its message keeps the op, tensor and shape).
 pub(crate) fn candle_error(err: FapeError) -> candle_core::Error {
     candle_core::Error::wrap(err)

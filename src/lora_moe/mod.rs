@@ -2,6 +2,7 @@
 //! with per-token gates blending a router softmax and a per-image band-energy prior (see the
 //! README for the full contract), and its token-axis Gaussian low-pass as an op of its own.
 
+pub(crate) mod candle;
 mod check;
 mod config;
 mod cpu;
