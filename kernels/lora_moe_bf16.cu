@@ -443,3 +443,161 @@ lora_moe_pack_bf16(const bf16_bits* __restrict__ w,
         out[((long long)row0 + o) * k_pad + c] = v;
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// The unfused baseline (src/lora_moe/cuda_unfused.rs): the reference's code path, literally,
+// for benchmarks and as a second GPU reference. Every kernel grid-strides over its elements
+// with blocks of 256 threads; GEMMs are cuBLAS calls between them.
+// ---------------------------------------------------------------------------------------------
+
+// out[m, c] = band(x)[m, c] over the full width: low = sum_j h[j] x[t + j - half, c] within the
+// image (zero padding), high = x - low, full = x (band 0, 1, 2). x, out: [B*T, d] bf16.
+extern "C" __global__ void __launch_bounds__(256)
+lora_moe_unfused_band_bf16(const bf16_bits* __restrict__ x,
+                           const float* __restrict__ h,
+                           bf16_bits* __restrict__ out,
+                           long long total,
+                           int tokens,
+                           int d,
+                           int taps,
+                           int band)
+{
+    const long long stride = (long long)gridDim.x * blockDim.x;
+    const int half = (taps - 1) / 2;
+    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < total; i += stride) {
+        const long long row = i / d;
+        const int c = (int)(i % d);
+        const int t = (int)(row % tokens);
+        const long long first = row - t;                 // row of token 0 of this image
+        const float xv = bf16_to_f32(x[i]);
+        float low = 0.0f;
+        for (int j = 0; j < taps; ++j) {
+            const int src = t + j - half;
+            if (src >= 0 && src < tokens) low = fmaf(h[j], bf16_to_f32(x[(first + src) * d + c]), low);
+        }
+        out[i] = f32_to_bf16(band == 0 ? low : (band == 1 ? xv - low : xv));
+    }
+}
+
+// energies[b] += sum of v^2 over image b's per_image entries of v [B, per_image] (bf16), in f64
+// (atomicAdd of one partial per block; energies zeroed by the caller).
+// Grid: (blocks, B); block 256.
+extern "C" __global__ void __launch_bounds__(256)
+lora_moe_unfused_energy_bf16(const bf16_bits* __restrict__ v, double* __restrict__ energies, long long per_image)
+{
+    __shared__ double red[8];
+    const int b = blockIdx.y;
+    double sum = 0.0;
+    const long long stride = (long long)gridDim.x * blockDim.x;
+    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < per_image; i += stride) {
+        const double e = (double)bf16_to_f32(v[(long long)b * per_image + i]);
+        sum += e * e;
+    }
+#pragma unroll
+    for (int offset = 16; offset > 0; offset >>= 1) sum += __shfl_down_sync(0xffffffffu, sum, offset);
+    if (threadIdx.x % 32 == 0) red[threadIdx.x / 32] = sum;
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        double total = 0.0;
+        for (int w = 0; w < 8; ++w) total += red[w];
+        atomicAdd(energies + b, total);
+    }
+}
+
+// gates[m, e] for every token m: prior_e = energy_e / (sum + 1e-12) with energy_e =
+// energies[e * B + b] / entries, softmax(logits[m, :] / temperature) blended by lambda, top-k
+// renormalised (as lora_moe_gate_bf16). logits: [B*T, E] bf16; gates: [B*T, E] f32.
+extern "C" __global__ void __launch_bounds__(256)
+lora_moe_unfused_gate_bf16(const bf16_bits* __restrict__ logits,
+                           const double* __restrict__ energies,
+                           float* __restrict__ gates,
+                           int rows,
+                           int tokens,
+                           int batch,
+                           int experts,
+                           double entries,
+                           float temperature,
+                           float lambda,
+                           int top_k)
+{
+    constexpr int MAX_EXPERTS = 16;
+    for (int m = blockIdx.x * blockDim.x + threadIdx.x; m < rows; m += gridDim.x * blockDim.x) {
+        const int b = m / tokens;
+        double energy[MAX_EXPERTS];
+        double energy_sum = 0.0;
+        float g[MAX_EXPERTS];
+        float max_logit = __int_as_float(0xff800000);
+        bool any_nan = false;
+#pragma unroll
+        for (int e = 0; e < MAX_EXPERTS; ++e) {
+            energy[e] = e < experts ? energies[e * batch + b] / entries : 0.0;
+            energy_sum += energy[e];
+            const float l = e < experts ? bf16_to_f32(logits[(long long)m * experts + e]) / temperature : 0.0f;
+            any_nan |= isnan(l);
+            if (e < experts) max_logit = fmaxf(max_logit, l);
+            g[e] = l;
+        }
+        if (any_nan) max_logit = __int_as_float(0x7fc00000);
+        float sum = 0.0f;
+#pragma unroll
+        for (int e = 0; e < MAX_EXPERTS; ++e) {
+            g[e] = e < experts ? expf(g[e] - max_logit) : 0.0f;
+            sum += g[e];
+        }
+#pragma unroll
+        for (int e = 0; e < MAX_EXPERTS; ++e) {
+            const float prior = (float)(energy[e] / (energy_sum + 1e-12));
+            g[e] = e < experts ? lambda * (g[e] / sum) + (1.0f - lambda) * prior : 0.0f;
+        }
+        if (top_k > 0 && top_k < experts) {
+            bool keep[MAX_EXPERTS];
+            float kept = 0.0f;
+#pragma unroll
+            for (int e = 0; e < MAX_EXPERTS; ++e) {
+                int before = 0;
+#pragma unroll
+                for (int o = 0; o < MAX_EXPERTS; ++o)
+                    before += (o < experts && o != e && lora_moe_gate_before(g[o], o, g[e], e)) ? 1 : 0;
+                keep[e] = e < experts && before < top_k;
+                kept += keep[e] ? g[e] : 0.0f;
+            }
+#pragma unroll
+            for (int e = 0; e < MAX_EXPERTS; ++e) g[e] = keep[e] ? g[e] / kept : 0.0f;
+        }
+#pragma unroll
+        for (int e = 0; e < MAX_EXPERTS; ++e)
+            if (e < experts) gates[(long long)m * experts + e] = g[e];
+    }
+}
+
+// acc[m, o] = (first ? base[m, o] + bias[o] : acc[m, o]) + scale * gates[m, e] * t[m, o]; on the
+// last expert the sum is written to out (bf16) instead of acc. base, t, out: [rows, n] bf16;
+// acc: [rows, n] f32; bias: [n] bf16 or null; gates: [rows, E] f32.
+extern "C" __global__ void __launch_bounds__(256)
+lora_moe_unfused_add_bf16(const bf16_bits* __restrict__ base,
+                          const bf16_bits* __restrict__ bias,
+                          const bf16_bits* __restrict__ t,
+                          const float* __restrict__ gates,
+                          float* __restrict__ acc,
+                          bf16_bits* __restrict__ out,
+                          long long total,
+                          int n,
+                          int e,
+                          int experts,
+                          float scale,
+                          int first,
+                          int last)
+{
+    const long long stride = (long long)gridDim.x * blockDim.x;
+    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < total; i += stride) {
+        const long long m = i / n;
+        const int o = (int)(i % n);
+        float v = first ? bf16_to_f32(base[i]) + (bias != nullptr ? bf16_to_f32(bias[o]) : 0.0f) : acc[i];
+        v = fmaf(scale * gates[m * experts + e], bf16_to_f32(t[i]), v);
+        if (last) {
+            out[i] = f32_to_bf16(v);
+        } else {
+            acc[i] = v;
+        }
+    }
+}

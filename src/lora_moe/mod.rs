@@ -11,12 +11,18 @@ mod cube;
 #[cfg(feature = "cuda")]
 mod cuda;
 #[cfg(feature = "cuda")]
+mod cuda_bench;
+#[cfg(feature = "cuda")]
 mod cuda_bf16;
+#[cfg(feature = "cuda")]
+mod cuda_unfused;
 mod dtype;
 mod gating;
 mod lowpass;
 
 pub use config::{Band, LoraMoeConfig, LoraMoeDims, LoraMoeInputs, LoraMoeOutput, LoraMoeTensors, OP};
+#[cfg(feature = "cuda")]
+pub use cuda_bench::{CudaBenchProblem, CudaVariant};
 #[cfg(feature = "cuda")]
 pub use cuda_bf16::{gemm_bias, LoraMoeLinear, LoraMoeProjection, MAX_RANK, MAX_TAPS};
 pub use dtype::LoraMoeDtype;
