@@ -721,6 +721,7 @@ pub(crate) fn lora_moe(
 #[cfg(test)]
 mod tests {
     use super::super::{lora_moe, reference, Band, LoraMoeConfig, LoraMoeDims, LoraMoeTensors, TOLERANCE_BF16};
+    use super::{LoraMoeLinear, LoraMoeProjection};
     use crate::backend::{Device, DeviceKind};
     use crate::error::FapeError;
     use crate::testing::{assert_close, device_or_skip};
@@ -768,6 +769,80 @@ mod tests {
         match lora_moe(&device, &tensors.inputs(), &LoraMoeConfig::default()) {
             Err(FapeError::Shape { tensor: "x", actual, .. }) => assert_eq!(actual, vec![1, 5, 12]),
             other => panic!("expected a shape error on x, got {other:?}"),
+        }
+    }
+
+    /// q, k, v sharing one x and guidance (one shrink, one GEMM over the concatenated N), on
+    /// device buffers: each projection's columns of y and its gates against the reference.
+    #[test]
+    fn cuda_grouped_projections_match_the_reference_per_projection() {
+        let test = "cuda_grouped_projections_match_the_reference_per_projection";
+        let Some(Device::Cuda(device)) = device_or_skip(test, DeviceKind::Cuda) else {
+            return;
+        };
+        let (batch, tokens, d, experts, rank, dg) = (2, 45, 64, 2, 8, 16);
+        let config = LoraMoeConfig { top_k: 1, ..LoraMoeConfig::default() };
+        let outputs = [24usize, 40, 8];
+        let first =
+            LoraMoeTensors::random(40, dims(batch, tokens, d, outputs[0], experts, rank, dg), true).cast::<bf16>();
+        let (x, guidance) = (first.x.clone(), first.guidance.clone().expect("dg != d gives guidance"));
+        let problems: Vec<LoraMoeTensors<bf16>> = outputs
+            .iter()
+            .enumerate()
+            .map(|(i, &n)| {
+                let p = LoraMoeTensors::random(41 + i as u64, dims(batch, tokens, d, n, experts, rank, dg), i != 2);
+                LoraMoeTensors { x: x.clone(), guidance: Some(guidance.clone()), ..p.cast::<bf16>() }
+            })
+            .collect();
+        let stream = device.stream();
+        let up = |v: &[bf16]| stream.clone_htod(v).unwrap();
+        let buffers: Vec<_> = problems
+            .iter()
+            .map(|p| {
+                let bias = p.bias.as_ref().map(|b| up(&b.data));
+                (up(&p.weight.data), bias, up(&p.lora_a.data), up(&p.lora_b.data), up(&p.router.data))
+            })
+            .collect();
+        let views: Vec<_> = buffers
+            .iter()
+            .map(|(w, b, a, lb, r)| {
+                (w.slice(..), b.as_ref().map(|b| b.slice(..)), a.slice(..), lb.slice(..), r.slice(..))
+            })
+            .collect();
+        let projections: Vec<LoraMoeProjection<'_>> = views
+            .iter()
+            .zip(outputs)
+            .map(|(v, n)| LoraMoeProjection {
+                weight: &v.0,
+                bias: v.1.as_ref(),
+                lora_a: &v.2,
+                lora_b: &v.3,
+                router: &v.4,
+                n,
+            })
+            .collect();
+        let layer = LoraMoeLinear::new(&device, d, dg, experts, rank, &projections, &config).unwrap();
+        assert_eq!((layer.n_total(), layer.k_augmented()), (72, 64 + 48));
+        let (x_dev, g_dev) = (up(&x.data), up(&guidance.data));
+        let rows = batch * tokens;
+        let mut y = up(&vec![bf16::NAN; rows * 72]);
+        let mut gates = stream.clone_htod(&vec![f32::NAN; 3 * rows * experts]).unwrap();
+        let g_view = g_dev.slice(..);
+        layer
+            .forward(&x_dev.slice(..), batch, tokens, Some(&g_view), &mut y.slice_mut(..), &mut gates.slice_mut(..))
+            .unwrap();
+        let y = stream.clone_dtoh(&y).unwrap();
+        let gates = stream.clone_dtoh(&gates).unwrap();
+        stream.synchronize().unwrap();
+        let mut col0 = 0;
+        for (i, p) in problems.iter().enumerate() {
+            let n = outputs[i];
+            let expected = reference::lora_moe(&p.inputs(), &config).unwrap();
+            let got: Vec<bf16> = y.chunks(72).flat_map(|row| row[col0..col0 + n].iter().copied()).collect();
+            assert_close(&format!("projection {i} y"), &got, &expected.y.data, TOLERANCE_BF16);
+            let g = &gates[i * rows * experts..(i + 1) * rows * experts];
+            assert_close(&format!("projection {i} gates"), g, &expected.gates.data, TOLERANCE_BF16);
+            col0 += n;
         }
     }
 
