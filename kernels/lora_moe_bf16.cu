@@ -58,7 +58,7 @@ constexpr int THREADS = 256;                             // = blockDim.x
 constexpr int TOKENS = 32;                               // tokens per block (tile)
 constexpr int SLAB = 32;                                 // shrink rows (s columns) per block
 constexpr int CHUNK = 64;                                // columns of x staged per pass
-constexpr int SPLIT_COLS = 512;                          // columns of x per block (d split)
+constexpr int SPLIT_COLS = 256;                          // columns of x per block (d split)
 constexpr int STRIDE = CHUNK + 1;                        // padded shared row (floats)
 constexpr int WARPS = THREADS / 32;
 constexpr int TOKEN_GROUPS = THREADS / SLAB;             // shrink: tokens tt, tt + 8, ...
@@ -379,6 +379,7 @@ lora_moe_gate_bf16(const float* __restrict__ s,
             const int t = t0 - half + r;
             float v = 0.0f;
             if (t >= 0 && t < tokens && c < u_width) {
+#pragma unroll 4
                 for (int sp = 0; sp < s_splits; ++sp) v += s[((long long)sp * m_rows + image_row + t) * s_stride + c];
             }
             staged[i] = v;

@@ -30,7 +30,7 @@ mod shrink_cfg {
     /// Shrink-matrix rows per block (grid y).
     pub const SLAB: usize = 32;
     /// Columns of x per block (the d split of grid x).
-    pub const SPLIT_COLS: usize = 512;
+    pub const SPLIT_COLS: usize = 256;
     /// Padded shared row, floats.
     pub const STRIDE: usize = 65;
 }
