@@ -321,3 +321,56 @@ fn candle_op_bad_input_is_a_typed_error() {
     let msg = fape_error(candle_ops::lora_moe(&empty, &weights, None, &cfg).unwrap_err());
     assert!(msg.contains("`x`"), "{msg}");
 }
+
+#[test]
+fn more_bad_config_and_shapes_are_typed_errors() {
+    let p = random(24, 2, 5, 8, 4, 2, 2);
+    let base = config(&[Band::Low, Band::High]);
+    expect_config_error(&p, LoraMoeConfig { temperature: 0.0, ..base.clone() }, "temperature");
+    expect_config_error(&p, LoraMoeConfig { lambda: -0.1, ..base.clone() }, "lambda");
+    expect_config_error(&p, LoraMoeConfig { lambda: f64::NAN, ..base.clone() }, "lambda");
+    expect_config_error(&p, LoraMoeConfig { sigma: -2.0, ..base.clone() }, "sigma");
+    expect_config_error(&p, LoraMoeConfig { taps: 0, ..base.clone() }, "taps");
+    expect_config_error(&p, LoraMoeConfig { scale: Some(f64::INFINITY), ..base.clone() }, "scale");
+
+    // Each tensor whose extents disagree with the others is named, for f32 and bf16 alike.
+    let wrong = |tensor: &'static str, shape: &[usize]| {
+        let data = vec![0.25f32; shape.iter().product()];
+        let view = View::new("lora_moe", "t", &data, shape).unwrap();
+        let inputs = match tensor {
+            "router" => LoraMoeInputs { router: view, ..p.inputs() },
+            "weight" => LoraMoeInputs { weight: view, ..p.inputs() },
+            "lora_a" => LoraMoeInputs { lora_a: view, ..p.inputs() },
+            "bias" => LoraMoeInputs { bias: Some(view), ..p.inputs() },
+            "guidance" => LoraMoeInputs { guidance: Some(view), ..p.inputs() },
+            other => panic!("no tensor {other}"),
+        };
+        match lora_moe::lora_moe(&Device::Cpu, &inputs, &base) {
+            Err(FapeError::Shape { tensor: t, .. }) => assert_eq!(t, tensor),
+            other => panic!("expected a shape error on `{tensor}`, got {other:?}"),
+        }
+        let bf = LoraMoeTensors::<bf16>::from_inputs(&inputs);
+        match lora_moe::lora_moe(&Device::Cpu, &bf.inputs(), &base) {
+            Err(FapeError::Shape { tensor: t, .. }) => assert_eq!(t, tensor),
+            other => panic!("bf16: expected a shape error on `{tensor}`, got {other:?}"),
+        }
+    };
+    wrong("router", &[3, 8]); // E = 3 against lora_a's 2 experts
+    wrong("weight", &[4, 6]); // d = 6 against x's 8
+    wrong("lora_a", &[2, 2, 7]);
+    wrong("bias", &[5]);
+    wrong("guidance", &[1, 5, 8]); // one image against x's two
+    wrong("router", &[2, 0]); // empty
+}
+
+#[test]
+fn nan_in_bf16_x_propagates_without_crash() {
+    let mut p = random(25, 2, 9, 8, 4, 2, 2);
+    p.x.data[3] = f32::NAN;
+    let p = p.cast::<bf16>();
+    let cfg = LoraMoeConfig { top_k: 1, ..config(&[Band::Low, Band::High]) };
+    let out = lora_moe::lora_moe(&Device::Cpu, &p.inputs(), &cfg).unwrap();
+    let per_image = 9 * 4;
+    assert!(out.y.data[..per_image].iter().all(|v| v.is_nan()));
+    assert!(out.y.data[per_image..].iter().all(|v| v.is_finite()));
+}
