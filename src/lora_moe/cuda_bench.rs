@@ -137,19 +137,23 @@ impl CudaBenchProblem {
         }
     }
 
-    /// The device time of one run of `variant`, between CUDA events recorded on the stream
-    /// around it.
+    /// The device time of `reps` back-to-back runs of `variant`, between CUDA events recorded
+    /// on the stream around them. Several runs per sample keep the GPU busy while the host
+    /// enqueues the next one (cuBLASLt picks its algorithm on the host at every call), so the
+    /// time is the device's, not the launch latency.
     ///
     /// # Errors
     /// As [`Self::enqueue`]; event errors.
-    pub fn time(&mut self, variant: CudaVariant) -> Result<Duration> {
+    pub fn time(&mut self, variant: CudaVariant, reps: usize) -> Result<Duration> {
         let stream = self.device.stream().clone();
         let ctx = stream.context();
         let flags = Some(cu::CUevent_flags::CU_EVENT_DEFAULT);
         let start = ctx.new_event(flags).map_err(dev_err("creating a CUDA event"))?;
         let end = ctx.new_event(flags).map_err(dev_err("creating a CUDA event"))?;
         start.record(&stream).map_err(dev_err("recording a CUDA event"))?;
-        self.enqueue(variant)?;
+        for _ in 0..reps {
+            self.enqueue(variant)?;
+        }
         end.record(&stream).map_err(dev_err("recording a CUDA event"))?;
         let ms = start.elapsed_ms(&end).map_err(dev_err(format!("timing `{}`", variant.name())))?;
         Ok(Duration::from_secs_f64(f64::from(ms) * 1e-3))

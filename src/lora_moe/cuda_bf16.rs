@@ -12,7 +12,9 @@
 use std::sync::{Arc, Mutex};
 
 use cudarc::cublaslt::{CudaBlasLT, Matmul, MatmulConfig};
-use cudarc::driver::{CudaFunction, CudaSlice, CudaStream, CudaView, CudaViewMut, DevicePtr, PushKernelArg};
+use cudarc::driver::{
+    CudaFunction, CudaSlice, CudaStream, CudaView, CudaViewMut, DevicePtr, DeviceRepr, PushKernelArg, ValidAsZeroBits,
+};
 use half::bf16;
 
 use super::config::{LoraMoeConfig, LoraMoeDims, LoraMoeInputs, LoraMoeOutput, OP};
@@ -380,22 +382,15 @@ impl LoraMoeLinear {
 
         let mut guard = self.workspace.lock().unwrap_or_else(|p| p.into_inner());
         if guard.as_ref().is_none_or(|w| w.rows < rows || (guidance.is_some() && w.logits.is_none())) {
-            let zeros_bf16 = |what: &str, len: usize| {
-                stream.alloc_zeros::<bf16>(len).map_err(dev_err(format!("allocating `{what}` ({len} bf16)")))
-            };
-            let zeros_f32 = |what: &str, len: usize| {
-                stream.alloc_zeros::<f32>(len).map_err(dev_err(format!("allocating `{what}` ({len} f32)")))
-            };
+            let dev = &self.device;
             *guard = Some(Workspace {
                 rows,
-                xa: zeros_bf16("augmented activations", rows * self.k_pad)?,
-                s: zeros_f32("shrink partials", splits * rows * self.mat_rows)?,
+                xa: scratch(dev, "augmented activations", rows * self.k_pad, bf16::NAN)?,
+                s: scratch(dev, "shrink partials", splits * rows * self.mat_rows, f32::NAN)?,
                 logits: guidance
-                    .map(|_| zeros_f32("router partials", g_splits * rows * self.router_rows))
+                    .map(|_| scratch(dev, "router partials", g_splits * rows * self.router_rows, f32::NAN))
                     .transpose()?,
-                partials: stream
-                    .alloc_zeros::<f64>(batch * pcount * 3)
-                    .map_err(dev_err("allocating `energy partials`"))?,
+                partials: scratch(dev, "energy partials", batch * pcount * 3, f64::NAN)?,
             });
         }
         let Some(ws) = guard.as_mut() else {
@@ -403,8 +398,7 @@ impl LoraMoeLinear {
         };
         // Sized for `rows` only when it was allocated for them: recheck the per-call extents.
         if ws.partials.len() < batch * pcount * 3 {
-            ws.partials =
-                stream.alloc_zeros::<f64>(batch * pcount * 3).map_err(dev_err("allocating `energy partials`"))?;
+            ws.partials = scratch(&self.device, "energy partials", batch * pcount * 3, f64::NAN)?;
         }
 
         let taps = self.config.taps;
@@ -553,6 +547,22 @@ impl LoraMoeLinear {
             self.n_total(),
             self.k_pad,
         )
+    }
+}
+
+/// A scratch buffer of `len` elements: zeros, or `nan` everywhere when `device` poisons its
+/// outputs (so an element a kernel fails to write shows up in the result).
+fn scratch<T: DeviceRepr + ValidAsZeroBits + Clone>(
+    device: &CudaDevice,
+    what: &str,
+    len: usize,
+    nan: T,
+) -> Result<CudaSlice<T>> {
+    let context = || format!("allocating `{what}` ({len} elements)");
+    if device.is_poisoned() {
+        device.stream().clone_htod(&vec![nan; len]).map_err(dev_err(context()))
+    } else {
+        device.stream().alloc_zeros::<T>(len).map_err(dev_err(context()))
     }
 }
 
