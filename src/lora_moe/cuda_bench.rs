@@ -2,6 +2,7 @@
 //! inputs uploaded and weights packed once, then each variant enqueued on the device's stream
 //! and timed with CUDA events (no uploads, no host work in the timed region beyond launches).
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use cudarc::cublaslt::CudaBlasLT;
@@ -9,7 +10,7 @@ use cudarc::driver::{sys as cu, CudaSlice};
 use half::bf16;
 
 use super::config::{LoraMoeConfig, LoraMoeDims, LoraMoeTensors, OP};
-use super::cuda_bf16::{gemm_bias, LoraMoeLinear, LoraMoeProjection};
+use super::cuda_bf16::{blas_for, gemm_bias, LoraMoeLinear, LoraMoeProjection};
 use super::cuda_unfused::Unfused;
 use crate::backend::cuda::{dev_err, CudaDevice};
 use crate::error::{FapeError, Result};
@@ -46,7 +47,7 @@ pub struct CudaBenchProblem {
     device: CudaDevice,
     layer: LoraMoeLinear,
     unfused: Unfused,
-    blas: CudaBlasLT,
+    blas: Arc<CudaBlasLT>,
     x: CudaSlice<bf16>,
     weight: CudaSlice<bf16>,
     bias: CudaSlice<bf16>,
@@ -92,11 +93,7 @@ impl CudaBenchProblem {
         };
         let layer = LoraMoeLinear::new(device, dims.d, dims.dg, dims.experts, dims.rank, &[projection], config)?;
         let unfused = Unfused::new(device, &host, dims, config)?;
-        let blas = CudaBlasLT::new(stream.clone()).map_err(|e| FapeError::Device {
-            backend: "cuda",
-            context: "creating the cuBLASLt handle".into(),
-            message: format!("{e:?}"),
-        })?;
+        let blas = blas_for(stream)?;
         let rows = dims.batch * dims.tokens;
         let y = stream.alloc_zeros::<bf16>(rows * dims.n).map_err(dev_err("allocating `y`"))?;
         let gates = stream.alloc_zeros::<f32>(rows * dims.experts).map_err(dev_err("allocating `gates`"))?;

@@ -9,7 +9,8 @@
 //! band(s)` into `xa`), and one cuBLASLt bf16 GEMM `y = xa . Wp^T + bias` (f32 accumulate,
 //! bias in the epilogue). [`lora_moe`] is the host functional form the dispatcher calls.
 
-use std::sync::{Arc, Mutex};
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, OnceLock};
 
 use cudarc::cublaslt::{CudaBlasLT, Matmul, MatmulConfig};
 use cudarc::driver::{
@@ -65,6 +66,24 @@ fn unsupported(what: impl Into<String>) -> FapeError {
 fn blas_err(context: impl Into<String>) -> impl FnOnce(cudarc::cublaslt::result::CublasError) -> FapeError {
     let context = context.into();
     move |e| FapeError::Device { backend: BACKEND, context, message: format!("cuBLASLt: {e:?}") }
+}
+
+/// The cuBLASLt handle (with its workspace) of `stream`, created on first use and kept for the
+/// process: layers built per call (the candle op) then share one handle per stream. The cached
+/// handle holds its stream, so the key (the stream's address) is never reused by another one.
+///
+/// # Errors
+/// [`FapeError::Device`] when cuBLASLt cannot create the handle.
+pub(crate) fn blas_for(stream: &Arc<CudaStream>) -> Result<Arc<CudaBlasLT>> {
+    static HANDLES: OnceLock<Mutex<HashMap<usize, Arc<CudaBlasLT>>>> = OnceLock::new();
+    let mut handles = HANDLES.get_or_init(Default::default).lock().unwrap_or_else(|p| p.into_inner());
+    let key = stream.cu_stream() as usize;
+    if let Some(handle) = handles.get(&key) {
+        return Ok(handle.clone());
+    }
+    let handle = Arc::new(CudaBlasLT::new(stream.clone()).map_err(blas_err("creating the cuBLASLt handle"))?);
+    handles.insert(key, handle.clone());
+    Ok(handle)
 }
 
 /// `d` (or `dg`) as the bf16 kernels need it: a multiple of 8 (16-byte rows).
@@ -133,7 +152,7 @@ struct Workspace {
 /// concatenated along features (`y [B*T, n_1 + .. + n_P]`), their gates stacked (`[P, B*T, E]`).
 pub struct LoraMoeLinear {
     device: CudaDevice,
-    blas: CudaBlasLT,
+    blas: Arc<CudaBlasLT>,
     shrink: CudaFunction,
     gate: CudaFunction,
     d: usize,
@@ -267,7 +286,7 @@ impl LoraMoeLinear {
         let h = stream.clone_htod(&h32).map_err(dev_err("copying the filter taps to the device"))?;
         let codes: Vec<i32> = config.bands.iter().map(|b| b.kernel_code() as i32).collect();
         let bands = stream.clone_htod(&codes).map_err(dev_err("copying `bands` to the device"))?;
-        let blas = CudaBlasLT::new(stream.clone()).map_err(blas_err("creating the cuBLASLt handle"))?;
+        let blas = blas_for(&stream)?;
         Ok(Self {
             device: device.clone(),
             blas,
