@@ -26,6 +26,8 @@ const CASES: &[Case] = &[
     (dims(3, 37, 200, 72, 2, 8, 24), 1, true),
     (dims(1, 37, 200, 136, 4, 16, 200), 0, false),
     (dims(2, 1024, 64, 40, 2, 8, 64), 0, true),
+    (dims(3, 1024, 8, 16, 1, 16, 8), 1, false),
+    (dims(1, 1, 200, 24, 4, 4, 200), 1, true),
 ];
 
 const LARGE_CASES: &[Case] =
