@@ -63,7 +63,7 @@ pub struct LoraMoeConfig {
     pub sigma: f64,
     /// Router softmax temperature (default 5.0).
     pub temperature: f64,
-    /// Weight of the router against the band-energy prior, in [0,1] (default 0.5).
+    /// Weight of the router against the band-energy prior, in \[0,1\] (default 0.5).
     pub lambda: f64,
     /// Keep the k largest gates per token (0 keeps all; default 0).
     pub top_k: usize,

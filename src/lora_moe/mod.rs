@@ -1,6 +1,12 @@
 //! Fused LoRA-MoE expert dispatch: `y = x W^T + bias + scale * sum_e gate_e * (band_e(x) A_e^T) B_e^T`,
 //! with per-token gates blending a router softmax and a per-image band-energy prior (see the
 //! README for the full contract), and its token-axis Gaussian low-pass as an op of its own.
+//!
+//! [`lora_moe`] takes f32 or bf16 on every backend. On CUDA, bf16 runs the fused path of
+//! [`LoraMoeLinear`] (weights packed once; one pass over `x`, one gate/filter kernel, one
+//! cuBLASLt GEMM over the augmented K; QKV grouping; device buffers on a given stream);
+//! `CudaBenchProblem` also holds the unfused GPU baseline and the base GEMM for the benchmarks.
+//! The candle op is `crate::candle_ops::lora_moe`.
 
 pub(crate) mod candle;
 mod check;
