@@ -68,6 +68,26 @@ fn blas_err(context: impl Into<String>) -> impl FnOnce(cudarc::cublaslt::result:
     move |e| FapeError::Device { backend: BACKEND, context, message: format!("cuBLASLt: {e:?}") }
 }
 
+/// Kernel `name` of `kernels/lora_moe_bf16.cu` on `device`, looked up once per context and kept
+/// for the process, so layers built per call (the candle op) skip hashing the source. The
+/// function holds its module, hence its context, so the key (the context's address) is never
+/// reused by another context.
+///
+/// # Errors
+/// As [`CudaDevice::module`]; [`FapeError::Device`] when the module has no such kernel.
+pub(crate) fn bf16_kernel(device: &CudaDevice, name: &'static str) -> Result<CudaFunction> {
+    type Key = (usize, &'static str);
+    static FUNCTIONS: OnceLock<Mutex<HashMap<Key, CudaFunction>>> = OnceLock::new();
+    let key = (device.stream().context().cu_ctx() as usize, name);
+    let mut functions = FUNCTIONS.get_or_init(Default::default).lock().unwrap_or_else(|p| p.into_inner());
+    if let Some(function) = functions.get(&key) {
+        return Ok(function.clone());
+    }
+    let function = device.function(LORA_MOE_BF16_CU, name)?;
+    functions.insert(key, function.clone());
+    Ok(function)
+}
+
 /// The cuBLASLt handle (with its workspace) of `stream`, created on first use and kept for the
 /// process: layers built per call (the candle op) then share one handle per stream. The cached
 /// handle holds its stream, so the key (the stream's address) is never reused by another one.
@@ -260,7 +280,7 @@ impl LoraMoeLinear {
         }
 
         let mut weight = alloc("packed weight", n_total * k_pad)?;
-        let pack = device.function(LORA_MOE_BF16_CU, "lora_moe_pack_bf16")?;
+        let pack = bf16_kernel(device, "lora_moe_pack_bf16")?;
         let mut row0 = 0;
         for (i, p) in projections.iter().enumerate() {
             launch_pack(&stream, &pack, p, &mut weight, (d, experts, rank, k_pad), d + i * width, row0)?;
@@ -290,8 +310,8 @@ impl LoraMoeLinear {
         Ok(Self {
             device: device.clone(),
             blas,
-            shrink: device.function(LORA_MOE_BF16_CU, "lora_moe_shrink_bf16")?,
-            gate: device.function(LORA_MOE_BF16_CU, "lora_moe_gate_bf16")?,
+            shrink: bf16_kernel(device, "lora_moe_shrink_bf16")?,
+            gate: bf16_kernel(device, "lora_moe_gate_bf16")?,
             d,
             dg,
             experts,

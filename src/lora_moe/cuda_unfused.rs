@@ -10,8 +10,9 @@ use cudarc::driver::{CudaFunction, CudaSlice, CudaView, CudaViewMut, PushKernelA
 use half::bf16;
 
 use super::config::{LoraMoeConfig, LoraMoeDims, LoraMoeTensors, OP};
+use super::cuda_bf16::bf16_kernel;
 use super::lowpass::gaussian_taps;
-use crate::backend::cuda::{dev_err, kernel_int, launch_config, tiles, CudaDevice, LORA_MOE_BF16_CU};
+use crate::backend::cuda::{dev_err, kernel_int, launch_config, tiles, CudaDevice};
 use crate::error::{FapeError, Result};
 
 /// Threads per block of every unfused kernel; grid-stride loops cap the blocks.
@@ -119,7 +120,7 @@ impl Unfused {
         let rows = batch * tokens;
         let h64 = gaussian_taps(config.taps, config.sigma)?;
         let h32: Vec<f32> = h64.iter().map(|&w| w as f32).collect();
-        let function = |name: &str| device.function(LORA_MOE_BF16_CU, name);
+        let function = |name: &'static str| bf16_kernel(device, name);
         Ok(Self {
             device: device.clone(),
             blas: CudaBlas::new(stream.clone()).map_err(|e| FapeError::Device {
