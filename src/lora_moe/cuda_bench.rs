@@ -20,6 +20,9 @@ use crate::error::{FapeError, Result};
 pub enum CudaVariant {
     /// [`LoraMoeLinear::forward`]: shrink/energy pass, gate/filter kernel, one augmented GEMM.
     Fused,
+    /// [`LoraMoeLinear::forward_overlapped`]: the base GEMM beside the shrink and gate kernels
+    /// (second stream), then `y += u B^T`.
+    FusedOverlapped,
     /// The reference's code path on the GPU: full-width band filtering, one LoRA path per
     /// expert (cuBLAS GEMMs), gating and adds.
     Unfused,
@@ -30,12 +33,13 @@ pub enum CudaVariant {
 
 impl CudaVariant {
     /// Every variant, baseline first.
-    pub const ALL: [CudaVariant; 3] = [Self::BaseGemm, Self::Fused, Self::Unfused];
+    pub const ALL: [CudaVariant; 4] = [Self::BaseGemm, Self::Fused, Self::FusedOverlapped, Self::Unfused];
 
     /// The variant's name in bench tables.
     pub fn name(self) -> &'static str {
         match self {
             Self::Fused => "fused",
+            Self::FusedOverlapped => "fused-2gemm",
             Self::Unfused => "unfused",
             Self::BaseGemm => "base-gemm",
         }
@@ -113,6 +117,14 @@ impl CudaBenchProblem {
         let LoraMoeDims { batch, tokens, d, n, .. } = self.dims;
         match variant {
             CudaVariant::Fused => self.layer.forward(
+                &self.x.slice(..),
+                batch,
+                tokens,
+                None,
+                &mut self.y.slice_mut(..),
+                &mut self.gates.slice_mut(..),
+            ),
+            CudaVariant::FusedOverlapped => self.layer.forward_overlapped(
                 &self.x.slice(..),
                 batch,
                 tokens,
@@ -207,10 +219,12 @@ mod tests {
             let config = LoraMoeConfig { bands, top_k, ..LoraMoeConfig::default() };
             let mut problem = CudaBenchProblem::new(&device, seed as u64, dims, &config).unwrap();
             let fused = problem.run_and_read(CudaVariant::Fused).unwrap();
+            let overlapped = problem.run_and_read(CudaVariant::FusedOverlapped).unwrap();
             let unfused = problem.run_and_read(CudaVariant::Unfused).unwrap();
             let host = LoraMoeTensors::random(seed as u64, dims, true).cast::<bf16>();
             let expected = reference::lora_moe(&host.inputs(), &config).unwrap();
             assert_close(&format!("fused {dims:?}"), &fused, &expected.y.data, TOLERANCE_BF16);
+            assert_close(&format!("fused-2gemm {dims:?}"), &overlapped, &expected.y.data, TOLERANCE_BF16);
             assert_close(&format!("unfused {dims:?}"), &unfused, &expected.y.data, TOLERANCE_BF16);
             let unfused64: Vec<f64> = unfused.iter().map(|v| v.to_f64()).collect();
             assert_close(&format!("fused vs unfused {dims:?}"), &fused, &unfused64, TOLERANCE_BF16);

@@ -157,6 +157,17 @@ pub struct LoraMoeProjection<'a> {
     pub n: usize,
 }
 
+/// How [`LoraMoeLinear`] orders its work on the device.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Schedule {
+    /// The design: shrink/energy pass, gate/filter kernel, then ONE GEMM over the
+    /// augmented K `[x | u] . [W | B]^T` (x copied into the augmented activations).
+    OneGemm,
+    /// The base GEMM `x W^T + bias` runs on the layer's stream while the shrink and gate kernels
+    /// run on a second stream; a small GEMM then adds `u B^T` into `y` (beta = 1).
+    Overlapped,
+}
+
 /// Scratch buffers of [`LoraMoeLinear::forward`], kept between calls and grown on demand.
 struct Workspace {
     rows: usize,
@@ -197,6 +208,8 @@ pub struct LoraMoeLinear {
     bands: CudaSlice<i32>,
     config: LoraMoeConfig,
     workspace: Mutex<Option<Workspace>>,
+    /// The second stream of [`Schedule::Overlapped`].
+    side: Arc<CudaStream>,
 }
 
 impl LoraMoeLinear {
@@ -329,6 +342,7 @@ impl LoraMoeLinear {
             bands,
             config: config.clone(),
             workspace: Mutex::new(None),
+            side: stream.context().new_stream().map_err(dev_err("creating the side stream"))?,
         })
     }
 
@@ -364,6 +378,39 @@ impl LoraMoeLinear {
     /// and grid limits; device and cuBLASLt errors.
     pub fn forward(
         &self,
+        x: &CudaView<'_, bf16>,
+        batch: usize,
+        tokens: usize,
+        guidance: Option<&CudaView<'_, bf16>>,
+        y: &mut CudaViewMut<'_, bf16>,
+        gates: &mut CudaViewMut<'_, f32>,
+    ) -> Result<()> {
+        self.run(Schedule::OneGemm, x, batch, tokens, guidance, y, gates)
+    }
+
+    /// As [`Self::forward`], scheduled as [`Schedule::Overlapped`]: `y = x W^T + bias` on
+    /// [`Self::stream`] while the shrink and gate kernels run on a second stream, then
+    /// `y += u B^T` (a K = P*E*r GEMM accumulating into `y`). Same result up to bf16 rounding
+    /// of the intermediate `y`; which schedule is faster is for `fape bench lora-moe` to say.
+    ///
+    /// # Errors
+    /// As [`Self::forward`].
+    pub fn forward_overlapped(
+        &self,
+        x: &CudaView<'_, bf16>,
+        batch: usize,
+        tokens: usize,
+        guidance: Option<&CudaView<'_, bf16>>,
+        y: &mut CudaViewMut<'_, bf16>,
+        gates: &mut CudaViewMut<'_, f32>,
+    ) -> Result<()> {
+        self.run(Schedule::Overlapped, x, batch, tokens, guidance, y, gates)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn run(
+        &self,
+        schedule: Schedule,
         x: &CudaView<'_, bf16>,
         batch: usize,
         tokens: usize,
@@ -445,6 +492,16 @@ impl LoraMoeLinear {
         let tokens_i = kernel_int(OP, "tokens", tokens)?;
         let k_pad_i = kernel_int(OP, "augmented K", self.k_pad)?;
         let shrink_smem = (((sh::TOKENS + taps - 1) + sh::SLAB) * sh::STRIDE + taps) * 4;
+        // The stream the shrink and gate kernels run on: the layer's, or (overlapped) the side
+        // stream, which first waits for the work already queued on the layer's stream.
+        let ks = match schedule {
+            Schedule::OneGemm => stream,
+            Schedule::Overlapped => {
+                let queued = stream.record_event(None).map_err(dev_err("recording an event"))?;
+                self.side.wait(&queued).map_err(dev_err("ordering the side stream"))?;
+                &self.side
+            }
+        };
 
         // 1. One pass over x: shrink (+ router logits), copy into xa, band-energy partials.
         {
@@ -452,12 +509,15 @@ impl LoraMoeLinear {
             let mat_rows_i = kernel_int(OP, "shrink rows", self.mat_rows)?;
             let grid = (tiles_shrink * splits, self.mat_rows / sh::SLAB, batch);
             let cfg = launch_config(OP, grid, (sh::THREADS, 1, 1), shrink_smem as u32)?;
-            let mut launch = stream.launch_builder(&self.shrink);
+            let null: u64 = 0;
+            let mut launch = ks.launch_builder(&self.shrink);
+            launch.arg(x).arg(&self.shrink_mat).arg(&mut ws.s);
+            match schedule {
+                Schedule::OneGemm => launch.arg(&mut ws.xa),
+                // The x part of y comes from x itself: no copy into xa.
+                Schedule::Overlapped => launch.arg(&null),
+            };
             launch
-                .arg(x)
-                .arg(&self.shrink_mat)
-                .arg(&mut ws.s)
-                .arg(&mut ws.xa)
                 .arg(&mut ws.partials)
                 .arg(&self.h)
                 .arg(&tokens_i)
@@ -470,7 +530,8 @@ impl LoraMoeLinear {
             // int mat_rows, int xa_stride, int taps)`. x holds B*T*d bf16 (checked) at a
             // 16-byte aligned address with d % 8 == 0, so its 16-byte row loads are aligned and
             // in bounds (t < T, c < d); mat holds mat_rows*d (allocated so), s holds
-            // splits*B*T*mat_rows f32, xa B*T*k_pad bf16 (k_pad % 8 == 0, columns written < d),
+            // splits*B*T*mat_rows f32, xa B*T*k_pad bf16 (k_pad % 8 == 0, columns written < d)
+            // or null (two 64-bit zeros, tested by the kernel before any access),
             // partials B*tiles*splits*3 f64 (workspace sized for these extents above), h taps
             // f32. The grid is (tiles*splits, mat_rows/SLAB, B) with gridDim.z = B as the kernel
             // assumes, and the dynamic shared memory is ((TOKENS + taps - 1) + SLAB) * STRIDE +
@@ -483,7 +544,7 @@ impl LoraMoeLinear {
             let grid = (tiles_shrink * g_splits, self.router_rows / sh::SLAB, batch);
             let cfg = launch_config(OP, grid, (sh::THREADS, 1, 1), shrink_smem as u32)?;
             let null: u64 = 0;
-            let mut launch = stream.launch_builder(&self.shrink);
+            let mut launch = ks.launch_builder(&self.shrink);
             launch
                 .arg(gd)
                 .arg(&self.router_mat)
@@ -531,7 +592,7 @@ impl LoraMoeLinear {
             let top_k = kernel_int(OP, "top_k", self.config.top_k)?;
             let scale = self.config.scale_for(rank) as f32;
             let u_col = kernel_int(OP, "d", d)?;
-            let mut launch = stream.launch_builder(&self.gate);
+            let mut launch = ks.launch_builder(&self.gate);
             launch
                 .arg(&ws.s)
                 .arg(&ints[0])
@@ -571,21 +632,37 @@ impl LoraMoeLinear {
             // E <= 16 (checked in `new`) bound its shared gate array; the grid is
             // (ceil(T/32), 1, B) with gridDim.z = B, and the dynamic shared memory holds
             // (32 + taps - 1) * 32 + taps floats. s and lg were written by the launches above
-            // on the same stream.
+            // on the same stream `ks`.
             unsafe { launch.launch(cfg) }.map_err(dev_err("launching lora_moe_gate_bf16"))?;
         }
 
-        // 3. y = xa . Wp^T + bias: one GEMM over the augmented K.
-        gemm_bias(
-            &self.blas,
-            &ws.xa.slice(..rows * self.k_pad),
-            &self.weight.slice(..),
-            self.bias.as_ref(),
-            y,
-            rows,
-            self.n_total(),
-            self.k_pad,
-        )
+        let (n_total, k_pad) = (self.n_total(), self.k_pad);
+        let weight = self.weight.slice(..);
+        match schedule {
+            // 3. y = xa . Wp^T + bias: one GEMM over the augmented K.
+            Schedule::OneGemm => {
+                let a = ws.xa.slice(..rows * k_pad);
+                gemm_strided(
+                    &self.blas,
+                    (&a, k_pad),
+                    (&weight, k_pad),
+                    self.bias.as_ref(),
+                    y,
+                    (rows, n_total, k_pad),
+                    0.0,
+                )
+            }
+            // 3. y = x . W^T + bias (the first d columns of Wp), meanwhile the kernels above run
+            // on the side stream; then y += u . B^T over the columns d.. of xa and Wp.
+            Schedule::Overlapped => {
+                gemm_strided(&self.blas, (x, d), (&weight, k_pad), self.bias.as_ref(), y, (rows, n_total, d), 0.0)?;
+                let done = self.side.record_event(None).map_err(dev_err("recording an event"))?;
+                stream.wait(&done).map_err(dev_err("waiting for the side stream"))?;
+                let u = ws.xa.slice(d..rows * k_pad);
+                let lora = self.weight.slice(d..);
+                gemm_strided(&self.blas, (&u, k_pad), (&lora, k_pad), None, y, (rows, n_total, k_pad - d), 1.0)
+            }
+        }
     }
 }
 
@@ -670,15 +747,40 @@ pub fn gemm_bias(
     n: usize,
     k: usize,
 ) -> Result<()> {
-    check_len("a", a.len(), &[m, k])?;
-    check_len("weight", w.len(), &[n, k])?;
+    gemm_strided(blas, (a, k), (w, k), bias, y, (m, n, k), 0.0)
+}
+
+/// `y [m, n] = a [m, k] . w [n, k]^T (+ bias [n]) + beta * y` through cuBLASLt (bf16, f32
+/// accumulate), row-major with row strides `lda` of `a` and `ldw` of `w` (`>= k`); `y` dense.
+fn gemm_strided(
+    blas: &CudaBlasLT,
+    (a, lda): (&CudaView<'_, bf16>, usize),
+    (w, ldw): (&CudaView<'_, bf16>, usize),
+    bias: Option<&CudaSlice<bf16>>,
+    y: &mut CudaViewMut<'_, bf16>,
+    (m, n, k): (usize, usize, usize),
+    beta: f32,
+) -> Result<()> {
+    let short = |tensor: &'static str, len: usize, rows: usize, ld: usize| {
+        let needed = (rows - 1) * ld + k;
+        if ld < k || len < needed {
+            Err(FapeError::Layout { op: OP, tensor, len, shape: vec![rows, ld], needed })
+        } else {
+            Ok(())
+        }
+    };
+    if m == 0 || n == 0 || k == 0 {
+        return Err(unsupported(format!("an empty GEMM {m}x{n}x{k}")));
+    }
+    short("a", a.len(), m, lda)?;
+    short("weight", w.len(), n, ldw)?;
     check_len("y", y.len(), &[m, n])?;
     if let Some(b) = bias {
         check_len("bias", b.len(), &[n])?;
     }
     let bias_view = bias.map(|b| b.slice(..));
-    // Row-major y [m, n] is column-major y^T [n, m] = w (column-major [k, n], transposed) . a
-    // (column-major [k, m]).
+    // Row-major y [m, n] is column-major y^T [n, m] = w (column-major [k, n] with leading
+    // dimension ldw, transposed) . a (column-major [k, m] with leading dimension lda).
     let cfg = MatmulConfig {
         transa: true,
         transb: false,
@@ -687,9 +789,9 @@ pub fn gemm_bias(
         n: m as u64,
         k: k as u64,
         alpha: 1.0,
-        lda: k as i64,
-        ldb: k as i64,
-        beta: 0.0,
+        lda: ldw as i64,
+        ldb: lda as i64,
+        beta,
         ldc: n as i64,
         stride_a: None,
         stride_b: None,
@@ -697,10 +799,12 @@ pub fn gemm_bias(
         stride_bias: None,
         batch_size: None,
     };
-    // SAFETY: in cuBLASLt's column-major terms A = w is k x n (lda = k), used transposed; B = a
-    // is k x m (ldb = k); C = y is n x m (ldc = n); bias has n entries: every buffer holds
-    // exactly those elements (checked above). cudarc orders the call on the handle's stream.
-    unsafe { blas.matmul(cfg, w, a, y, bias_view.as_ref(), None) }.map_err(blas_err("bf16 GEMM with bias"))
+    // SAFETY: in cuBLASLt's column-major terms A = w is k x n with leading dimension ldw >= k,
+    // used transposed; B = a is k x m with leading dimension lda >= k; C = y is n x m (ldc = n);
+    // bias has n entries. cuBLASLt reads (n-1)*ldw + k elements of w, (m-1)*lda + k of a, and
+    // reads (beta != 0) and writes m*n of y: the buffers hold that many (checked above). cudarc
+    // orders the call on the handle's stream.
+    unsafe { blas.matmul(cfg, w, a, y, bias_view.as_ref(), None) }.map_err(blas_err("bf16 GEMM"))
 }
 
 /// The LoRA-MoE layer in bf16 on the GPU from host tensors: uploads, packs one projection
@@ -770,7 +874,7 @@ pub(crate) fn lora_moe(
 #[cfg(test)]
 mod tests {
     use super::super::{lora_moe, reference, Band, LoraMoeConfig, LoraMoeDims, LoraMoeTensors, TOLERANCE_BF16};
-    use super::{LoraMoeLinear, LoraMoeProjection};
+    use super::{LoraMoeLinear, LoraMoeProjection, Schedule};
     use crate::backend::{Device, DeviceKind};
     use crate::error::FapeError;
     use crate::testing::{assert_close, device_or_skip};
@@ -874,24 +978,31 @@ mod tests {
         assert_eq!((layer.n_total(), layer.k_augmented()), (72, 64 + 48));
         let (x_dev, g_dev) = (up(&x.data), up(&guidance.data));
         let rows = batch * tokens;
-        let mut y = up(&vec![bf16::NAN; rows * 72]);
-        let mut gates = stream.clone_htod(&vec![f32::NAN; 3 * rows * experts]).unwrap();
         let g_view = g_dev.slice(..);
-        layer
-            .forward(&x_dev.slice(..), batch, tokens, Some(&g_view), &mut y.slice_mut(..), &mut gates.slice_mut(..))
+        for schedule in [Schedule::OneGemm, Schedule::Overlapped] {
+            let mut y = up(&vec![bf16::NAN; rows * 72]);
+            let mut gates = stream.clone_htod(&vec![f32::NAN; 3 * rows * experts]).unwrap();
+            let (x_view, mut y_view, mut g_out) = (x_dev.slice(..), y.slice_mut(..), gates.slice_mut(..));
+            match schedule {
+                Schedule::OneGemm => layer.forward(&x_view, batch, tokens, Some(&g_view), &mut y_view, &mut g_out),
+                Schedule::Overlapped => {
+                    layer.forward_overlapped(&x_view, batch, tokens, Some(&g_view), &mut y_view, &mut g_out)
+                }
+            }
             .unwrap();
-        let y = stream.clone_dtoh(&y).unwrap();
-        let gates = stream.clone_dtoh(&gates).unwrap();
-        stream.synchronize().unwrap();
-        let mut col0 = 0;
-        for (i, p) in problems.iter().enumerate() {
-            let n = outputs[i];
-            let expected = reference::lora_moe(&p.inputs(), &config).unwrap();
-            let got: Vec<bf16> = y.chunks(72).flat_map(|row| row[col0..col0 + n].iter().copied()).collect();
-            assert_close(&format!("projection {i} y"), &got, &expected.y.data, TOLERANCE_BF16);
-            let g = &gates[i * rows * experts..(i + 1) * rows * experts];
-            assert_close(&format!("projection {i} gates"), g, &expected.gates.data, TOLERANCE_BF16);
-            col0 += n;
+            let y = stream.clone_dtoh(&y).unwrap();
+            let gates = stream.clone_dtoh(&gates).unwrap();
+            stream.synchronize().unwrap();
+            let mut col0 = 0;
+            for (i, p) in problems.iter().enumerate() {
+                let n = outputs[i];
+                let expected = reference::lora_moe(&p.inputs(), &config).unwrap();
+                let got: Vec<bf16> = y.chunks(72).flat_map(|row| row[col0..col0 + n].iter().copied()).collect();
+                assert_close(&format!("{schedule:?} projection {i} y"), &got, &expected.y.data, TOLERANCE_BF16);
+                let g = &gates[i * rows * experts..(i + 1) * rows * experts];
+                assert_close(&format!("{schedule:?} projection {i} gates"), g, &expected.gates.data, TOLERANCE_BF16);
+                col0 += n;
+            }
         }
     }
 

@@ -30,7 +30,7 @@ pub use config::{Band, LoraMoeConfig, LoraMoeDims, LoraMoeInputs, LoraMoeOutput,
 #[cfg(feature = "cuda")]
 pub use cuda_bench::{CudaBenchProblem, CudaVariant};
 #[cfg(feature = "cuda")]
-pub use cuda_bf16::{gemm_bias, LoraMoeLinear, LoraMoeProjection, MAX_RANK, MAX_TAPS};
+pub use cuda_bf16::{gemm_bias, LoraMoeLinear, LoraMoeProjection, Schedule, MAX_RANK, MAX_TAPS};
 pub use dtype::LoraMoeDtype;
 pub use lowpass::{gaussian_taps, token_lowpass, LowpassDims};
 
