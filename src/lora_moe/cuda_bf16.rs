@@ -21,7 +21,7 @@ use half::bf16;
 use super::config::{LoraMoeConfig, LoraMoeDims, LoraMoeInputs, LoraMoeOutput, OP};
 use super::lowpass::gaussian_taps;
 use crate::backend::cuda::{dev_err, kernel_int, launch_config, tiles, CudaDevice, LORA_MOE_BF16_CU};
-use crate::error::{config_error, FapeError, Result};
+use crate::error::{FapeError, Result};
 use crate::tensor::Tensor;
 
 /// Mirrors `lora_moe_shrink_cfg` in `kernels/lora_moe_bf16.cu`.
@@ -823,9 +823,6 @@ pub(crate) fn lora_moe(
     check_multiple_of_8("x", inputs.x.shape(), d)?;
     if let Some(g) = inputs.guidance {
         check_multiple_of_8("guidance", g.shape(), dg)?;
-    }
-    if config.taps > MAX_TAPS {
-        return Err(config_error(OP, "taps", format!("{} exceeds the CUDA bf16 limit of {MAX_TAPS}", config.taps)));
     }
     let stream = device.stream();
     let up = |what: &str, data: &[bf16]| {
