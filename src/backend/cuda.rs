@@ -32,8 +32,7 @@ const BACKEND: &str = "cuda";
 pub(crate) const LORA_MOE_CU: (&str, &str) = ("lora_moe.cu", include_str!("../../kernels/lora_moe.cu"));
 
 /// `kernels/lora_moe_bf16.cu`: the fused bf16 LoRA-MoE path (shrink/energy, gate/filter, weight packing).
-pub(crate) const LORA_MOE_BF16_CU: (&str, &str) =
-    ("lora_moe_bf16.cu", include_str!("../../kernels/lora_moe_bf16.cu"));
+pub(crate) const LORA_MOE_BF16_CU: (&str, &str) = ("lora_moe_bf16.cu", include_str!("../../kernels/lora_moe_bf16.cu"));
 
 /// Every kernel source shipped in `kernels/*.cu`, as `(file name, CUDA C source)`.
 ///
