@@ -10,7 +10,8 @@ use cudarc::driver::{sys as cu, CudaSlice};
 use half::bf16;
 
 use super::config::{LoraMoeConfig, LoraMoeDims, LoraMoeTensors, OP};
-use super::cuda_bf16::{blas_for, gemm_bias, LoraMoeLinear, LoraMoeProjection};
+use super::cuda_bf16::{LoraMoeLinear, LoraMoeProjection};
+use super::cuda_gemm::{blas_for, gemm_bias};
 use super::cuda_unfused::Unfused;
 use crate::backend::cuda::{dev_err, CudaDevice};
 use crate::error::{FapeError, Result};

@@ -21,6 +21,8 @@ mod cuda_bench;
 #[cfg(feature = "cuda")]
 mod cuda_bf16;
 #[cfg(feature = "cuda")]
+mod cuda_gemm;
+#[cfg(feature = "cuda")]
 mod cuda_unfused;
 mod dtype;
 mod gating;
@@ -30,7 +32,9 @@ pub use config::{Band, LoraMoeConfig, LoraMoeDims, LoraMoeInputs, LoraMoeOutput,
 #[cfg(feature = "cuda")]
 pub use cuda_bench::{CudaBenchProblem, CudaVariant};
 #[cfg(feature = "cuda")]
-pub use cuda_bf16::{gemm_bias, LoraMoeLinear, LoraMoeProjection, Schedule, MAX_RANK, MAX_TAPS};
+pub use cuda_bf16::{LoraMoeLinear, LoraMoeProjection, Schedule, MAX_RANK, MAX_TAPS};
+#[cfg(feature = "cuda")]
+pub use cuda_gemm::gemm_bias;
 pub use dtype::LoraMoeDtype;
 pub use lowpass::{gaussian_taps, token_lowpass, LowpassDims};
 
