@@ -59,12 +59,14 @@ constexpr int TOKENS = 32;                               // tokens per block (ti
 constexpr int SLAB = 32;                                 // shrink rows (s columns) per block
 constexpr int CHUNK = 64;                                // columns of x staged per pass
 constexpr int SPLIT_COLS = 256;                          // columns of x per block (d split)
-constexpr int STRIDE = CHUNK + 1;                        // padded shared row (floats)
+constexpr int STRIDE = CHUNK + 4;                        // padded shared row (floats; float4 rows)
 constexpr int WARPS = THREADS / 32;
 constexpr int TOKEN_GROUPS = THREADS / SLAB;             // shrink: tokens tt, tt + 8, ...
 constexpr int PER_THREAD = TOKENS / TOKEN_GROUPS;        // shrink outputs per thread
-constexpr int ROW_GROUPS = THREADS / CHUNK;              // energy: rows g, g + 4, ...
+constexpr int ROW_GROUPS = THREADS / CHUNK;              // energy: rows g*ROWS_E .. +ROWS_E
+constexpr int ROWS_E = TOKENS / ROW_GROUPS;               // energy: consecutive rows per thread
 static_assert(SPLIT_COLS % CHUNK == 0 && CHUNK % 8 == 0, "whole 16-byte vectors per chunk");
+static_assert(STRIDE % 4 == 0, "16-byte aligned shared rows for float4 reads");
 static_assert(TOKENS % TOKEN_GROUPS == 0 && TOKENS % ROW_GROUPS == 0, "even work split");
 }  // namespace lora_moe_shrink_cfg
 
@@ -92,7 +94,7 @@ lora_moe_shrink_bf16(const bf16_bits* __restrict__ x,
                      int taps)
 {
     using namespace lora_moe_shrink_cfg;
-    extern __shared__ float smem[];
+    extern __shared__ __align__(16) float smem[];
     __shared__ double red[WARPS][3];
 
     const int splits = (d + SPLIT_COLS - 1) / SPLIT_COLS;
@@ -122,7 +124,7 @@ lora_moe_shrink_bf16(const bf16_bits* __restrict__ x,
 #pragma unroll
     for (int i = 0; i < PER_THREAD; ++i) acc[i] = 0.0f;
     const int ec = tid % CHUNK;                              // energy: this thread's column
-    const int eg = tid / CHUNK;                              // and rows eg + ROW_GROUPS * i
+    const int er = (tid / CHUNK) * ROWS_E;                   // and tile rows er .. er + ROWS_E
     double e_low = 0.0, e_high = 0.0, e_full = 0.0;
 
     const int c_begin = split * SPLIT_COLS;
@@ -151,26 +153,50 @@ lora_moe_shrink_bf16(const bf16_bits* __restrict__ x,
         }
         __syncthreads();
 
-        // Columns past c_end were staged as zeros in both operands.
-#pragma unroll 8
-        for (int cc = 0; cc < CHUNK; ++cc) {
-            const float a = as[k * STRIDE + cc];
+        // Columns past c_end were staged as zeros in both operands. Four columns per shared
+        // load (rows are 16-byte aligned): the warp's 32 threads read 32 rows of `as` (distinct
+        // 16-byte bank groups within each 8-thread phase, STRIDE = 68) and broadcast one row of xs.
+#pragma unroll 4
+        for (int cc = 0; cc < CHUNK; cc += 4) {
+            const float4 a = *reinterpret_cast<const float4*>(as + k * STRIDE + cc);
 #pragma unroll
-            for (int i = 0; i < PER_THREAD; ++i)
-                acc[i] = fmaf(xs[(half + tt + TOKEN_GROUPS * i) * STRIDE + cc], a, acc[i]);
+            for (int i = 0; i < PER_THREAD; ++i) {
+                const float4 v = *reinterpret_cast<const float4*>(xs + (half + tt + TOKEN_GROUPS * i) * STRIDE + cc);
+                acc[i] = fmaf(v.x, a.x, acc[i]);
+                acc[i] = fmaf(v.y, a.y, acc[i]);
+                acc[i] = fmaf(v.z, a.z, acc[i]);
+                acc[i] = fmaf(v.w, a.w, acc[i]);
+            }
         }
 
         if (energy && c0 + ec < c_end) {
-            for (int i = 0; i < TOKENS / ROW_GROUPS; ++i) {
-                const int r = eg + ROW_GROUPS * i;           // tile row; staged row r + half
-                if (t0 + r >= tokens) break;
-                float low = 0.0f;
-                for (int j = 0; j < taps; ++j) low = fmaf(hs[j], xs[(r + j) * STRIDE + ec], low);
-                const double xv = (double)xs[(r + half) * STRIDE + ec];
-                const double lv = (double)low;
-                e_low += lv * lv;
-                e_high += (xv - lv) * (xv - lv);
-                e_full += xv * xv;
+            // low of tile rows er .. er + ROWS_E - 1 with a register window sliding down the
+            // staged rows: window[i] holds staged row er + i + j while tap j is applied (staged
+            // row r + j is token t0 + r + j - half), so each staged value is loaded once.
+            float window[ROWS_E];
+            float low[ROWS_E];
+#pragma unroll
+            for (int i = 0; i < ROWS_E; ++i) {
+                window[i] = i > 0 ? xs[(er + i - 1) * STRIDE + ec] : 0.0f;
+                low[i] = 0.0f;
+            }
+            for (int j = 0; j < taps; ++j) {
+#pragma unroll
+                for (int i = 0; i + 1 < ROWS_E; ++i) window[i] = window[i + 1];
+                window[ROWS_E - 1] = xs[(er + j + ROWS_E - 1) * STRIDE + ec];
+                const float w = hs[j];
+#pragma unroll
+                for (int i = 0; i < ROWS_E; ++i) low[i] = fmaf(w, window[i], low[i]);
+            }
+#pragma unroll
+            for (int i = 0; i < ROWS_E; ++i) {
+                if (t0 + er + i < tokens) {
+                    const double xv = (double)xs[(er + i + half) * STRIDE + ec];
+                    const double lv = (double)low[i];
+                    e_low += lv * lv;
+                    e_high += (xv - lv) * (xv - lv);
+                    e_full += xv * xv;
+                }
             }
         }
     }

@@ -37,7 +37,7 @@ mod shrink_cfg {
     /// Columns of x per block (the d split of grid x).
     pub const SPLIT_COLS: usize = 256;
     /// Padded shared row, floats.
-    pub const STRIDE: usize = 65;
+    pub const STRIDE: usize = 68;
 }
 
 /// Mirrors `lora_moe_gate_cfg` in `kernels/lora_moe_bf16.cu`.
