@@ -11,6 +11,7 @@ use crate::error::FapeError;
 
 pub use crate::attention::candle::attention;
 pub use crate::freq::candle::freq_split;
+pub use crate::lora_moe::candle::{lora_moe, LoraMoeWeights};
 
 /// `err` as a candle error (its message keeps the op, tensor and shape).
 pub(crate) fn candle_error(err: FapeError) -> candle_core::Error {

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 
 use candle_core::{DType, Device, Tensor};
 use fape_kernels::pipeline::flux::{
-    one_step, ExecPath, FluxConfig, FluxTransformer, LoraMoeLinear, PlanEncoder, PlanTokens, ENTRY_TIME,
+    one_step, ExecPath, FluxConfig, FluxTransformer, LoraMoeProjection, PlanEncoder, PlanTokens, ENTRY_TIME,
 };
 use fape_kernels::pipeline::weights::{self, CheckedSafetensors, Recorder, TensorSpec};
 use fape_kernels::testing::{compare, rng, uniform};
@@ -128,7 +128,7 @@ fn fused_path_matches_reference_in_bf16() {
 fn the_lora_moe_adapter_agrees_between_paths_and_matters() {
     let mut moe = FluxConfig::tiny().lora_moe;
     let vb = weights::synthetic(SEED, DType::F32, &Device::Cpu).pp("transformer_blocks.0.attn.to_q");
-    let layer = LoraMoeLinear::load(vb.clone(), 128, 128, 2, 8).unwrap();
+    let layer = LoraMoeProjection::load(vb.clone(), 128, 128, 2, 8).unwrap();
     let x = Tensor::from_vec(uniform(&mut rng(9), 2 * 37 * 128, -1.0, 1.0), (2, 37, 128), &Device::Cpu).unwrap();
     let (w, b) = (vb.get((128, 128), "weight").unwrap(), vb.get(128, "bias").unwrap());
     let base = x.broadcast_matmul(&w.t().unwrap()).unwrap().broadcast_add(&b).unwrap();

@@ -1,11 +1,14 @@
 //! The LoRA-MoE reference: hand-checked cases, relations and properties; the CPU backend
 //! against it; bad input. (Every backend runs the shared check cases in tests/backends.rs.)
 
+use candle_core::{DType, Device as CDevice, Tensor as CTensor};
+use fape_kernels::candle_ops::{self, LoraMoeWeights};
 use fape_kernels::lora_moe::{
-    self, reference, Band, LoraMoeConfig, LoraMoeDims, LoraMoeInputs, LoraMoeTensors, TOLERANCE_F32,
+    self, reference, Band, LoraMoeConfig, LoraMoeDims, LoraMoeInputs, LoraMoeTensors, TOLERANCE_BF16, TOLERANCE_F32,
 };
 use fape_kernels::testing::assert_close;
 use fape_kernels::{Device, FapeError, Tensor, View};
+use half::bf16;
 use proptest::prelude::*;
 
 type Problem = LoraMoeTensors;
@@ -242,4 +245,132 @@ proptest! {
         let whole = reference::lora_moe(&one.inputs(), &LoraMoeConfig { scale: Some(1.0), ..router_only(&[Band::Full]) }).unwrap();
         assert_close("y", &split.y.data, &whole.y.data, 1e-12);
     }
+}
+
+#[test]
+fn cpu_bf16_matches_reference_on_the_same_bf16_values() {
+    for (seed, (b, t, d, n, e, r)) in [(11, (1, 1, 8, 3, 1, 4)), (12, (3, 37, 40, 24, 2, 8))] {
+        let p = random(seed, b, t, d, n, e, r).cast::<bf16>();
+        let bands = cycling_bands(e);
+        for top_k in [0, 1] {
+            let cfg = LoraMoeConfig { top_k, ..config(&bands) };
+            let got = lora_moe::lora_moe(&Device::Cpu, &p.inputs(), &cfg).unwrap();
+            let expected = reference::lora_moe(&p.inputs(), &cfg).unwrap();
+            let what = format!("cpu bf16 y B{b} T{t} d{d} n{n} E{e} r{r} k{top_k}");
+            assert_close(&what, &got.y.data, &expected.y.data, TOLERANCE_BF16);
+            assert_close(&format!("{what} gates"), &got.gates.data, &expected.gates.data, TOLERANCE_BF16);
+        }
+    }
+}
+
+/// `tensors` as candle CPU tensors in `dtype`: x, weights and guidance.
+fn candle_problem(p: &Problem, dtype: DType) -> (CTensor, LoraMoeWeights, Option<CTensor>) {
+    let t = |v: &Tensor<f32>| {
+        CTensor::from_slice(&v.data, v.shape.as_slice(), &CDevice::Cpu).unwrap().to_dtype(dtype).unwrap()
+    };
+    let weights = LoraMoeWeights {
+        weight: t(&p.weight),
+        bias: p.bias.as_ref().map(t),
+        lora_a: t(&p.lora_a),
+        lora_b: t(&p.lora_b),
+        router: t(&p.router),
+    };
+    (t(&p.x), weights, p.guidance.as_ref().map(t))
+}
+
+#[test]
+fn candle_op_matches_reference_in_f32_and_bf16() {
+    for (seed, guided) in [(21u64, false), (22, true)] {
+        let dims =
+            LoraMoeDims { batch: 2, tokens: 13, d: 24, n: 10, experts: 2, rank: 4, dg: if guided { 16 } else { 24 } };
+        let p = LoraMoeTensors::random(seed, dims, true);
+        let cfg = LoraMoeConfig { top_k: 1, ..config(&[Band::Low, Band::High]) };
+        for (dtype, tolerance) in [(DType::F32, TOLERANCE_F32), (DType::BF16, TOLERANCE_BF16)] {
+            let (x, weights, guidance) = candle_problem(&p, dtype);
+            let y = candle_ops::lora_moe(&x, &weights, guidance.as_ref(), &cfg).unwrap();
+            assert_eq!((y.dims(), y.dtype()), (&[2, 13, 10][..], dtype));
+            let got: Vec<f32> = y.to_dtype(DType::F32).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+            // The reference reads the values the op saw (bf16-rounded for bf16).
+            let seen = if dtype == DType::BF16 { p.cast::<bf16>().cast::<f32>() } else { p.clone() };
+            let expected = reference::lora_moe(&seen.inputs(), &cfg).unwrap();
+            assert_close(&format!("candle {dtype:?} guided {guided}"), &got, &expected.y.data, tolerance);
+        }
+    }
+}
+
+#[test]
+fn candle_op_bad_input_is_a_typed_error() {
+    let p = random(23, 1, 5, 8, 4, 2, 2);
+    let (x, weights, _) = candle_problem(&p, DType::F32);
+    let cfg = config(&[Band::Low, Band::High]);
+    let fape_error = |e: candle_core::Error| -> String { e.to_string() };
+    // lora_b with the wrong rank.
+    let bad_b =
+        LoraMoeWeights { lora_b: CTensor::zeros((2, 4, 3), DType::F32, &CDevice::Cpu).unwrap(), ..weights.clone() };
+    let msg = fape_error(candle_ops::lora_moe(&x, &bad_b, None, &cfg).unwrap_err());
+    assert!(msg.contains("lora_b"), "{msg}");
+    // A weight in another dtype than x.
+    let mixed = LoraMoeWeights { router: weights.router.to_dtype(DType::BF16).unwrap(), ..weights.clone() };
+    let msg = fape_error(candle_ops::lora_moe(&x, &mixed, None, &cfg).unwrap_err());
+    assert!(msg.contains("router") && msg.contains("dtype"), "{msg}");
+    // Even taps, and an empty x.
+    let msg =
+        fape_error(candle_ops::lora_moe(&x, &weights, None, &LoraMoeConfig { taps: 4, ..cfg.clone() }).unwrap_err());
+    assert!(msg.contains("taps"), "{msg}");
+    let empty = CTensor::zeros((1, 0, 8), DType::F32, &CDevice::Cpu).unwrap();
+    let msg = fape_error(candle_ops::lora_moe(&empty, &weights, None, &cfg).unwrap_err());
+    assert!(msg.contains("`x`"), "{msg}");
+}
+
+#[test]
+fn more_bad_config_and_shapes_are_typed_errors() {
+    let p = random(24, 2, 5, 8, 4, 2, 2);
+    let base = config(&[Band::Low, Band::High]);
+    expect_config_error(&p, LoraMoeConfig { temperature: 0.0, ..base.clone() }, "temperature");
+    expect_config_error(&p, LoraMoeConfig { lambda: -0.1, ..base.clone() }, "lambda");
+    expect_config_error(&p, LoraMoeConfig { lambda: f64::NAN, ..base.clone() }, "lambda");
+    expect_config_error(&p, LoraMoeConfig { sigma: -2.0, ..base.clone() }, "sigma");
+    expect_config_error(&p, LoraMoeConfig { taps: 0, ..base.clone() }, "taps");
+    expect_config_error(&p, LoraMoeConfig { scale: Some(f64::INFINITY), ..base.clone() }, "scale");
+
+    // Each tensor whose extents disagree with the others is named, for f32 and bf16 alike.
+    let wrong = |tensor: &'static str, shape: &[usize]| {
+        let data = vec![0.25f32; shape.iter().product()];
+        let view = View::new("lora_moe", "t", &data, shape).unwrap();
+        let inputs = match tensor {
+            "router" => LoraMoeInputs { router: view, ..p.inputs() },
+            "weight" => LoraMoeInputs { weight: view, ..p.inputs() },
+            "lora_a" => LoraMoeInputs { lora_a: view, ..p.inputs() },
+            "bias" => LoraMoeInputs { bias: Some(view), ..p.inputs() },
+            "guidance" => LoraMoeInputs { guidance: Some(view), ..p.inputs() },
+            other => panic!("no tensor {other}"),
+        };
+        match lora_moe::lora_moe(&Device::Cpu, &inputs, &base) {
+            Err(FapeError::Shape { tensor: t, .. }) => assert_eq!(t, tensor),
+            other => panic!("expected a shape error on `{tensor}`, got {other:?}"),
+        }
+        let bf = LoraMoeTensors::<bf16>::from_inputs(&inputs);
+        match lora_moe::lora_moe(&Device::Cpu, &bf.inputs(), &base) {
+            Err(FapeError::Shape { tensor: t, .. }) => assert_eq!(t, tensor),
+            other => panic!("bf16: expected a shape error on `{tensor}`, got {other:?}"),
+        }
+    };
+    wrong("router", &[3, 8]); // E = 3 against lora_a's 2 experts
+    wrong("weight", &[4, 6]); // d = 6 against x's 8
+    wrong("lora_a", &[2, 2, 7]);
+    wrong("bias", &[5]);
+    wrong("guidance", &[1, 5, 8]); // one image against x's two
+    wrong("router", &[2, 0]); // empty
+}
+
+#[test]
+fn nan_in_bf16_x_propagates_without_crash() {
+    let mut p = random(25, 2, 9, 8, 4, 2, 2);
+    p.x.data[3] = f32::NAN;
+    let p = p.cast::<bf16>();
+    let cfg = LoraMoeConfig { top_k: 1, ..config(&[Band::Low, Band::High]) };
+    let out = lora_moe::lora_moe(&Device::Cpu, &p.inputs(), &cfg).unwrap();
+    let per_image = 9 * 4;
+    assert!(out.y.data[..per_image].iter().all(|v| v.is_nan()));
+    assert!(out.y.data[per_image..].iter().all(|v| v.is_finite()));
 }

@@ -91,8 +91,7 @@ impl Kernels {
     /// As [`Kernels::of_device`].
     #[cfg(feature = "candle-cuda")]
     pub(crate) fn on_stream(stream: Arc<CudaStream>) -> Result<Self> {
-        let module = crate::backend::cuda::context_module(stream.context(), ATTENTION_CU)?;
-        Ok(Self { stream, module })
+        Self::of_device(&CudaDevice::on_stream(stream)?)
     }
 
     /// The stream the kernels run on.

@@ -35,12 +35,14 @@ pub(crate) const LORA_MOE_CU: (&str, &str) = ("lora_moe.cu", include_str!("../..
 pub(crate) const ATTENTION_CU: (&str, &str) = ("attention.cu", include_str!("../../kernels/attention.cu"));
 /// `kernels/freq_split.cu`: the FFT frequency split (fused small images, three-pass, cuFFT glue).
 pub(crate) const FREQ_SPLIT_CU: (&str, &str) = ("freq_split.cu", include_str!("../../kernels/freq_split.cu"));
+/// `kernels/lora_moe_bf16.cu`: the fused bf16 LoRA-MoE path (shrink/energy, gate/filter, weight packing).
+pub(crate) const LORA_MOE_BF16_CU: (&str, &str) = ("lora_moe_bf16.cu", include_str!("../../kernels/lora_moe_bf16.cu"));
 
 /// Every kernel source shipped in `kernels/*.cu`, as `(file name, CUDA C source)`.
 ///
 /// The device compiles from this list and `tests/kernels_compile.rs` compiles and assembles
 /// every entry, so a kernel file added to the crate must be added here.
-pub const KERNEL_SOURCES: &[(&str, &str)] = &[LORA_MOE_CU, ATTENTION_CU, FREQ_SPLIT_CU];
+pub const KERNEL_SOURCES: &[(&str, &str)] = &[LORA_MOE_CU, LORA_MOE_BF16_CU, ATTENTION_CU, FREQ_SPLIT_CU];
 
 /// The NVRTC options every kernel is compiled with, besides `--gpu-architecture=<arch>`:
 /// C++17, IEEE-accurate f32 (no fast math: no flush-to-zero, exact division and square root;
@@ -286,29 +288,6 @@ type ModuleKey = (usize, [u8; 32], String);
 fn module_cache() -> &'static Mutex<HashMap<ModuleKey, Arc<CudaModule>>> {
     static CACHE: OnceLock<Mutex<HashMap<ModuleKey, Arc<CudaModule>>>> = OnceLock::new();
     CACHE.get_or_init(Default::default)
-}
-
-/// The module compiled from `(kernel_file, source)` for the device of `ctx` (a context this
-/// crate did not create, such as candle's) and loaded in it, through the same process-wide
-/// cache as [`CudaDevice::module`].
-///
-/// # Errors
-/// [`FapeError::BackendUnavailable`] when libnvrtc is missing; [`FapeError::Nvrtc`] with the
-/// compiler log; [`FapeError::Device`] when the driver cannot load the PTX.
-#[cfg(feature = "candle-cuda")]
-pub(crate) fn context_module(ctx: &Arc<CudaContext>, (kernel_file, source): (&str, &str)) -> Result<Arc<CudaModule>> {
-    libnvrtc().map_err(unavailable)?;
-    let (major, minor) = ctx.compute_capability().map_err(dev_err("reading the compute capability"))?;
-    let arch = arch_for(major, minor);
-    let key: ModuleKey = (ctx.cu_ctx() as usize, Sha256::digest(source.as_bytes()).into(), arch.clone());
-    let mut cache = module_cache().lock().unwrap_or_else(|p| p.into_inner());
-    if let Some(module) = cache.get(&key) {
-        return Ok(module.clone());
-    }
-    let ptx = compile_ptx(kernel_file, source, &arch)?;
-    let module = ctx.load_module(ptx).map_err(dev_err(format!("loading the PTX of `{kernel_file}` for {arch}")))?;
-    cache.insert(key, module.clone());
-    Ok(module)
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -143,12 +143,6 @@ impl Device {
             }
         }
     }
-
-    /// The error an op returns when this device has no kernel for it yet.
-    #[cfg(feature = "cuda")]
-    pub(crate) fn unsupported(&self, op: &'static str, what: impl Into<String>) -> FapeError {
-        FapeError::Unsupported { op, backend: self.kind().name(), what: what.into() }
-    }
 }
 
 /// What discovery found for one backend kind.

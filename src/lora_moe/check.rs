@@ -1,6 +1,9 @@
 //! `fape check` cases of the LoRA-MoE op and its token low-pass.
 
-use super::{lora_moe, reference, token_lowpass, Band, LoraMoeConfig, LoraMoeDims, LoraMoeTensors, OP, TOLERANCE_F32};
+use super::{
+    lora_moe, reference, token_lowpass, Band, LoraMoeConfig, LoraMoeDims, LoraMoeDtype, LoraMoeTensors, OP,
+    TOLERANCE_BF16, TOLERANCE_F32,
+};
 use crate::backend::Device;
 use crate::check::{CaseSet, CheckRow};
 use crate::error::Result;
@@ -23,6 +26,8 @@ const CASES: &[Case] = &[
     (dims(3, 37, 200, 72, 2, 8, 24), 1, true),
     (dims(1, 37, 200, 136, 4, 16, 200), 0, false),
     (dims(2, 1024, 64, 40, 2, 8, 64), 0, true),
+    (dims(3, 1024, 8, 16, 1, 16, 8), 1, false),
+    (dims(1, 1, 200, 24, 4, 4, 200), 1, true),
 ];
 
 const LARGE_CASES: &[Case] =
@@ -33,7 +38,8 @@ pub(crate) fn check_rows(device: &Device, cases: CaseSet) -> Vec<CheckRow> {
     let mut rows: Vec<CheckRow> = LOWPASS_CASES.iter().map(|&c| lowpass_row(device, c)).collect();
     let large = if cases == CaseSet::Large { LARGE_CASES } else { &[] };
     for (i, case) in CASES.iter().chain(large).enumerate() {
-        rows.extend(lora_moe_rows(device, case, 100 + i as u64));
+        rows.extend(lora_moe_rows::<f32>(device, case, 100 + i as u64, TOLERANCE_F32));
+        rows.extend(lora_moe_rows::<half::bf16>(device, case, 100 + i as u64, TOLERANCE_BF16));
     }
     rows
 }
@@ -58,12 +64,19 @@ fn lowpass_row(device: &Device, (batch, tokens, channels, taps): (usize, usize, 
     run().unwrap_or_else(|e| CheckRow::errored("token_lowpass.low".into(), device, "f32", shape_name.clone(), e))
 }
 
-fn lora_moe_rows(device: &Device, &(dims, top_k, bias): &Case, seed: u64) -> Vec<CheckRow> {
+/// The `y` and `gates` rows of one case with inputs in `T` (the reference reads the same
+/// `T` values, so only the backend's arithmetic is measured).
+fn lora_moe_rows<T: LoraMoeDtype>(
+    device: &Device,
+    &(dims, top_k, bias): &Case,
+    seed: u64,
+    tolerance: f64,
+) -> Vec<CheckRow> {
     let LoraMoeDims { batch, tokens, d, n, experts, rank, dg } = dims;
     let guided = if dg != d { " g" } else { "" };
     let biased = if bias { " b" } else { "" };
     let shape = format!("B{batch} T{tokens} d{d} n{n} E{experts} r{rank} k{top_k}{guided}{biased}");
-    let tensors = LoraMoeTensors::random(seed, dims, bias);
+    let tensors = LoraMoeTensors::random(seed, dims, bias).cast::<T>();
     let bands = [Band::Low, Band::High, Band::Full];
     let config =
         LoraMoeConfig { bands: (0..experts).map(|e| bands[e % 3]).collect(), top_k, ..LoraMoeConfig::default() };
@@ -72,16 +85,16 @@ fn lora_moe_rows(device: &Device, &(dims, top_k, bias): &Case, seed: u64) -> Vec
         let got = lora_moe(device, &inputs, &config)?;
         let expected = reference::lora_moe(&inputs, &config)?;
         Ok(vec![
-            CheckRow::compared(format!("{OP}.y"), device, shape.clone(), &got.y.data, &expected.y.data, TOLERANCE_F32),
+            CheckRow::compared(format!("{OP}.y"), device, shape.clone(), &got.y.data, &expected.y.data, tolerance),
             CheckRow::compared(
                 format!("{OP}.gates"),
                 device,
                 shape.clone(),
                 &got.gates.data,
                 &expected.gates.data,
-                TOLERANCE_F32,
+                tolerance,
             ),
         ])
     };
-    run().unwrap_or_else(|e| vec![CheckRow::errored(OP.to_string(), device, "f32", shape.clone(), e)])
+    run().unwrap_or_else(|e| vec![CheckRow::errored(OP.to_string(), device, T::DTYPE, shape.clone(), e)])
 }

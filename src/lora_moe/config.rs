@@ -63,7 +63,7 @@ pub struct LoraMoeConfig {
     pub sigma: f64,
     /// Router softmax temperature (default 5.0).
     pub temperature: f64,
-    /// Weight of the router against the band-energy prior, in [0,1] (default 0.5).
+    /// Weight of the router against the band-energy prior, in \[0,1\] (default 0.5).
     pub lambda: f64,
     /// Keep the k largest gates per token (0 keeps all; default 0).
     pub top_k: usize,
@@ -209,26 +209,27 @@ impl LoraMoeConfig {
 }
 
 /// Owned LoRA-MoE inputs: what tests, checks, benches and files hold; [`Self::inputs`] lends
-/// them as [`LoraMoeInputs`].
+/// them as [`LoraMoeInputs`]. `T` is f32 by default; bf16 copies come from
+/// [`LoraMoeTensors::cast`].
 #[derive(Debug, Clone, PartialEq)]
-pub struct LoraMoeTensors {
+pub struct LoraMoeTensors<T = f32> {
     /// `[B,T,d]`.
-    pub x: Tensor<f32>,
+    pub x: Tensor<T>,
     /// `[n,d]`.
-    pub weight: Tensor<f32>,
+    pub weight: Tensor<T>,
     /// `[n]`.
-    pub bias: Option<Tensor<f32>>,
+    pub bias: Option<Tensor<T>>,
     /// `[E,r,d]`.
-    pub lora_a: Tensor<f32>,
+    pub lora_a: Tensor<T>,
     /// `[E,n,r]`.
-    pub lora_b: Tensor<f32>,
+    pub lora_b: Tensor<T>,
     /// `[E,dg]`.
-    pub router: Tensor<f32>,
+    pub router: Tensor<T>,
     /// `[B,T,dg]`.
-    pub guidance: Option<Tensor<f32>>,
+    pub guidance: Option<Tensor<T>>,
 }
 
-impl LoraMoeTensors {
+impl LoraMoeTensors<f32> {
     /// Seeded random inputs of `dims`, with a bias when `bias`, and guidance when
     /// `dims.dg != dims.d`. `x`, the router and guidance are uniform in [-1,1); the weights are
     /// scaled by 1/sqrt(d), and `lora_b` is uniform in [-0.5,0.5) so that the LoRA term matters
@@ -252,9 +253,11 @@ impl LoraMoeTensors {
             guidance: (dg != d).then(|| tensor(vec![batch, tokens, dg], 1.0)),
         }
     }
+}
 
+impl<T: Copy> LoraMoeTensors<T> {
     /// Borrowed views of every tensor.
-    pub fn inputs(&self) -> LoraMoeInputs<'_, f32> {
+    pub fn inputs(&self) -> LoraMoeInputs<'_, T> {
         LoraMoeInputs {
             x: self.x.view(),
             weight: self.weight.view(),

@@ -97,7 +97,7 @@ where
 /// The token low-pass on `device`. `x`: `[B,T,C]` f32; returns `[B,T,C]` f32.
 ///
 /// # Errors
-/// Shape and config errors as [`reference`]; device errors from GPU backends.
+/// Shape and config errors as [`reference()`]; device errors from GPU backends.
 pub fn token_lowpass(device: &Device, x: View<'_, f32>, taps: usize, sigma: f64) -> Result<Tensor<f32>> {
     let dims = validate(&x)?;
     let h = gaussian_taps(taps, sigma)?;

@@ -7,7 +7,7 @@ use candle_nn::{Linear, Module, VarBuilder};
 
 use super::config::FluxConfig;
 use super::layers::{attention, gelu_tanh, layer_norm, rms_norm};
-use super::lora::LoraMoeLinear;
+use super::lora::LoraMoeProjection;
 use super::ExecPath;
 
 /// What every block reads besides its tokens.
@@ -87,10 +87,10 @@ impl QkNorm {
 pub(crate) struct DoubleBlock {
     norm1: Linear,
     norm1_context: Linear,
-    to_q: LoraMoeLinear,
-    to_k: LoraMoeLinear,
-    to_v: LoraMoeLinear,
-    to_out: LoraMoeLinear,
+    to_q: LoraMoeProjection,
+    to_k: LoraMoeProjection,
+    to_v: LoraMoeProjection,
+    to_out: LoraMoeProjection,
     add_q: Linear,
     add_k: Linear,
     add_v: Linear,
@@ -105,7 +105,7 @@ impl DoubleBlock {
     pub(crate) fn load(vb: VarBuilder, c: &FluxConfig) -> candle_core::Result<Self> {
         let (dim, e, r) = (c.dim, c.lora_experts, c.lora_rank);
         let attn = vb.pp("attn");
-        let lora = |name: &str| LoraMoeLinear::load(attn.pp(name), dim, dim, e, r);
+        let lora = |name: &str| LoraMoeProjection::load(attn.pp(name), dim, dim, e, r);
         let plain = |name: &str| candle_nn::linear(dim, dim, attn.pp(name));
         Ok(Self {
             norm1: candle_nn::linear(dim, 6 * dim, vb.pp("norm1.linear"))?,
@@ -139,7 +139,7 @@ impl DoubleBlock {
         let img_in = modulate(img, &m[0], &m[1], path)?;
         let txt_in = modulate(txt, &c[0], &c[1], path)?;
 
-        let image_heads = |p: &LoraMoeLinear| to_heads(&p.forward(&img_in, moe, path)?, heads);
+        let image_heads = |p: &LoraMoeProjection| to_heads(&p.forward(&img_in, moe, path)?, heads);
         let text_heads = |p: &Linear| to_heads(&p.forward(&txt_in)?, heads);
         let q_img = rms_norm(&image_heads(&self.to_q)?, &self.image_norm.q, path)?;
         let k_img = rms_norm(&image_heads(&self.to_k)?, &self.image_norm.k, path)?;
@@ -169,9 +169,9 @@ impl DoubleBlock {
 #[derive(Debug, Clone)]
 pub(crate) struct SingleBlock {
     norm: Linear,
-    to_q: LoraMoeLinear,
-    to_k: LoraMoeLinear,
-    to_v: LoraMoeLinear,
+    to_q: LoraMoeProjection,
+    to_k: LoraMoeProjection,
+    to_v: LoraMoeProjection,
     qk_norm: QkNorm,
     proj_mlp: Linear,
     proj_out: Linear,
@@ -181,7 +181,7 @@ impl SingleBlock {
     pub(crate) fn load(vb: VarBuilder, c: &FluxConfig) -> candle_core::Result<Self> {
         let (dim, e, r) = (c.dim, c.lora_experts, c.lora_rank);
         let attn = vb.pp("attn");
-        let lora = |name: &str| LoraMoeLinear::load(attn.pp(name), dim, dim, e, r);
+        let lora = |name: &str| LoraMoeProjection::load(attn.pp(name), dim, dim, e, r);
         Ok(Self {
             norm: candle_nn::linear(dim, 3 * dim, vb.pp("norm.linear"))?,
             to_q: lora("to_q")?,
@@ -199,7 +199,7 @@ impl SingleBlock {
         let m = self.norm.forward(inp.conditioning)?.chunk(3, D::Minus1)?;
         let h = modulate(x, &m[0], &m[1], path)?;
         let mlp = gelu_tanh(&self.proj_mlp.forward(&h)?, path)?;
-        let heads_of = |p: &LoraMoeLinear| to_heads(&p.forward_joint(&h, n_txt, moe, path)?, heads);
+        let heads_of = |p: &LoraMoeProjection| to_heads(&p.forward_joint(&h, n_txt, moe, path)?, heads);
         let (q, k, v) = (heads_of(&self.to_q)?, heads_of(&self.to_k)?, heads_of(&self.to_v)?);
         let norms = (&self.qk_norm.q, &self.qk_norm.k);
         let attn = from_heads(&attention(&q, &k, &v, Some(norms), Some(inp.rope), path)?)?;

@@ -7,20 +7,20 @@
 use candle_core::{DType, Tensor, D};
 use candle_nn::{Linear, Module, VarBuilder};
 
-use super::ops_shim::{self, LoraMoeWeights};
+use crate::candle_ops::{self, LoraMoeWeights};
 use super::ExecPath;
 use crate::candle_ops::candle_error;
 use crate::lora_moe::{gaussian_taps, Band, LoraMoeConfig};
 
 /// A projection `d -> n` with a LoRA-MoE adapter.
 #[derive(Debug, Clone)]
-pub struct LoraMoeLinear {
+pub struct LoraMoeProjection {
     weights: LoraMoeWeights,
     /// The base projection alone (for the text tokens the adapter does not see).
     base: Linear,
 }
 
-impl LoraMoeLinear {
+impl LoraMoeProjection {
     /// Loads `weight`, `bias` and `lora_moe.{lora_a,lora_b,router}` under `vb` for a projection
     /// `d -> n` with `experts` experts of rank `rank`.
     ///
@@ -47,7 +47,7 @@ impl LoraMoeLinear {
     pub fn forward(&self, x: &Tensor, config: &LoraMoeConfig, path: ExecPath) -> candle_core::Result<Tensor> {
         match path {
             ExecPath::Reference => self.reference(x, config),
-            ExecPath::Fused => ops_shim::lora_moe(&x.contiguous()?, &self.weights, None, config),
+            ExecPath::Fused => candle_ops::lora_moe(&x.contiguous()?, &self.weights, None, config),
         }
     }
 

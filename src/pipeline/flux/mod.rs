@@ -49,13 +49,11 @@ pub mod embed;
 mod layers;
 mod lora;
 mod model;
-// TEMPORARY: replaced by crate::candle_ops at merge (see the file's docs).
-mod ops_shim;
 mod plan;
 
 pub use config::{FluxConfig, TIMESTEP_FEATURES};
 pub use layers::LAYER_NORM_EPS;
-pub use lora::LoraMoeLinear;
+pub use lora::LoraMoeProjection;
 pub use model::{one_step, tensor_specs, FluxTransformer, ENTRY_TIME, TRANSFORMER_SUBFOLDER};
 pub use plan::{PlanEncoder, PlanTokens, BYTE_VALUES};
 
