@@ -6,9 +6,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 use candle_core::{DType, Device};
-use fape_kernels::pipeline::restore::{restore, test_scene, Pipeline, WeightsSource};
 use fape_kernels::pipeline::flux::ExecPath;
 use fape_kernels::pipeline::image::Image;
+use fape_kernels::pipeline::restore::{restore, test_scene, Pipeline, WeightsSource};
 use fape_kernels::pipeline::vae::{Vae, VaeConfig};
 use fape_kernels::FapeError;
 

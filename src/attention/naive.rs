@@ -10,7 +10,7 @@ use cudarc::driver::{CudaStream, CudaView, CudaViewMut, DevicePtr, DevicePtrMut,
 
 use super::cuda::Kernels;
 use super::{AttentionDims, AttentionElement, OP};
-use crate::backend::cuda::{dev_err, kernel_int, launch_config};
+use crate::backend::cuda::{dev_err, kernel_int, launch_config, require_library, MathLibrary};
 use crate::error::{FapeError, Result};
 
 /// Mirrors `attention_softmax_cfg` in `kernels/attention.cu`.
@@ -62,14 +62,7 @@ impl Naive {
     /// [`FapeError::BackendUnavailable`] when libcublas cannot be loaded; [`FapeError::Device`]
     /// when creating the handle fails.
     pub(crate) fn new(kernels: &Kernels) -> Result<Self> {
-        // SAFETY: only dlopen/dlclose of cudarc's candidate names for libcublas; nothing in the
-        // library is called. It keeps the cudarc calls below from panicking on a missing library.
-        if !unsafe { blas_sys::is_culib_present() } {
-            return Err(FapeError::BackendUnavailable {
-                backend: "cuda",
-                reason: "libcublas was not found (the naive attention baseline needs cuBLAS)".into(),
-            });
-        }
+        require_library(MathLibrary::Cublas, "the naive attention baseline")?;
         let blas = CudaBlas::new(kernels.stream().clone()).map_err(blas_error("creating a handle"))?;
         Ok(Self { blas })
     }

@@ -95,6 +95,48 @@ fn libnvrtc() -> std::result::Result<(), String> {
     }
 }
 
+/// A CUDA math library some op paths load on first use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum MathLibrary {
+    /// libcublas (the unfused baselines).
+    Cublas,
+    /// libcublasLt (the fused LoRA-MoE GEMM).
+    CublasLt,
+    /// libcufft (freq_split at sizes that are not powers of two, and its baseline).
+    Cufft,
+}
+
+/// `Ok` when `lib` can be loaded, else [`FapeError::BackendUnavailable`] naming it and `needed_by`.
+/// Probed once per process per library, so the cudarc calls after it cannot panic on a missing
+/// library.
+pub(crate) fn require_library(lib: MathLibrary, needed_by: &str) -> Result<()> {
+    static PRESENT: OnceLock<Mutex<HashMap<&'static str, bool>>> = OnceLock::new();
+    let name = match lib {
+        MathLibrary::Cublas => "cublas",
+        MathLibrary::CublasLt => "cublasLt",
+        MathLibrary::Cufft => "cufft",
+    };
+    let mut known = PRESENT.get_or_init(Default::default).lock().unwrap_or_else(|p| p.into_inner());
+    // SAFETY: `is_culib_present` only tries `dlopen` on cudarc's fixed list of names for the
+    // library and closes what it opened; nothing in the library is called.
+    #[cfg(feature = "cuda-dynamic-loading")]
+    let present = *known.entry(name).or_insert_with(|| unsafe {
+        match lib {
+            MathLibrary::Cublas => cudarc::cublas::sys::is_culib_present(),
+            MathLibrary::CublasLt => cudarc::cublaslt::sys::is_culib_present(),
+            MathLibrary::Cufft => cudarc::cufft::sys::is_culib_present(),
+        }
+    });
+    // Linked at build time (`candle-cuda`): the process would not have started without it.
+    #[cfg(not(feature = "cuda-dynamic-loading"))]
+    let present = *known.entry(name).or_insert(true);
+    if present {
+        Ok(())
+    } else {
+        Err(unavailable(format!("lib{name} was not found ({needed_by} needs it); searched {}", candidates(name))))
+    }
+}
+
 /// The library file names cudarc tries for `lib`, for error messages.
 #[cfg(feature = "cuda-dynamic-loading")]
 fn candidates(lib: &str) -> String {

@@ -32,7 +32,9 @@ use cudarc::cufft::CudaFft;
 use cudarc::driver::{sys as cu, CudaFunction, CudaSlice, CudaView, CudaViewMut, DevicePtr, DeviceRepr, PushKernelArg};
 
 use super::{output, validate, FreqDims, FreqSplitConfig, FreqSplitOutput, MaskKind, OP};
-use crate::backend::cuda::{dev_err, kernel_int, launch_config, tiles, CudaDevice, FREQ_SPLIT_CU};
+use crate::backend::cuda::{
+    dev_err, kernel_int, launch_config, require_library, tiles, CudaDevice, MathLibrary, FREQ_SPLIT_CU,
+};
 use crate::error::{FapeError, Result};
 use crate::tensor::View;
 
@@ -389,13 +391,6 @@ fn three_pass(
     Ok(())
 }
 
-/// Whether libcufft can be loaded. Probed once per process.
-fn cufft_present() -> bool {
-    static PRESENT: OnceLock<bool> = OnceLock::new();
-    // SAFETY: only dlopen/dlclose of cudarc's candidate names for libcufft; nothing is called.
-    *PRESENT.get_or_init(|| unsafe { cudarc::cufft::sys::is_culib_present() })
-}
-
 /// Plan key: stream, transform extents (rank 1 when `h == 1`), batch and direction.
 type PlanKey = (usize, usize, usize, usize, bool);
 
@@ -441,7 +436,7 @@ fn cufft_split(
     dims: FreqDims,
     params: SpectralParams,
 ) -> Result<()> {
-    if !cufft_present() {
+    if require_library(MathLibrary::Cufft, "freq_split").is_err() {
         return Err(unsupported(format!(
             "{}x{} images need cuFFT (sizes other than powers of two up to {PASS_MAX_SIDE}), and libcufft was not found",
             dims.height, dims.width

@@ -10,6 +10,7 @@ use half::bf16;
 
 use super::config::OP;
 use super::cuda_bf16::check_len;
+use crate::backend::cuda::{require_library, MathLibrary};
 use crate::error::{FapeError, Result};
 
 /// Maps a cuBLASLt error to [`FapeError::Device`], naming what was being done.
@@ -31,6 +32,7 @@ pub(crate) fn blas_for(stream: &Arc<CudaStream>) -> Result<Arc<CudaBlasLT>> {
     if let Some(handle) = handles.get(&key) {
         return Ok(handle.clone());
     }
+    require_library(MathLibrary::CublasLt, "the fused LoRA-MoE GEMM")?;
     let handle = Arc::new(CudaBlasLT::new(stream.clone()).map_err(blas_err("creating the cuBLASLt handle"))?);
     handles.insert(key, handle.clone());
     Ok(handle)

@@ -12,7 +12,7 @@ use half::bf16;
 use super::config::{LoraMoeConfig, LoraMoeDims, LoraMoeTensors, OP};
 use super::cuda_bf16::bf16_kernel;
 use super::lowpass::gaussian_taps;
-use crate::backend::cuda::{dev_err, kernel_int, launch_config, tiles, CudaDevice};
+use crate::backend::cuda::{dev_err, kernel_int, launch_config, require_library, tiles, CudaDevice, MathLibrary};
 use crate::error::{FapeError, Result};
 
 /// Threads per block of every unfused kernel; grid-stride loops cap the blocks.
@@ -121,6 +121,7 @@ impl Unfused {
         let h64 = gaussian_taps(config.taps, config.sigma)?;
         let h32: Vec<f32> = h64.iter().map(|&w| w as f32).collect();
         let function = |name: &'static str| bf16_kernel(device, name);
+        require_library(MathLibrary::Cublas, "the unfused LoRA-MoE baseline")?;
         Ok(Self {
             device: device.clone(),
             blas: CudaBlas::new(stream.clone()).map_err(|e| FapeError::Device {

@@ -30,9 +30,9 @@ use super::vae::{Vae, VaeConfig};
 use crate::error::{config_error, FapeError, Result};
 
 use super::flux::{one_step, ExecPath, FluxConfig, FluxTransformer, PlanEncoder};
-use super::weights;
 use super::image::Image;
 use super::planner::{plan, Plan};
+use super::weights;
 
 /// Pipeline presets and the longest image side each restores at full resolution.
 const PRESET_MAX_SIDE: [(&str, usize); 2] = [("flux-dev", 1024), ("tiny", 512)];

@@ -7,10 +7,10 @@
 mod bench;
 mod check;
 mod op;
-mod restore;
-mod weights;
 mod plan;
+mod restore;
 mod split;
+mod weights;
 
 use std::process::ExitCode;
 

@@ -5,9 +5,9 @@ use std::path::PathBuf;
 
 use candle_core::{DType, Device};
 use clap::{Args, ValueEnum};
-use fape_kernels::pipeline::restore::{restore, Pipeline, WeightsSource};
 use fape_kernels::pipeline::flux::ExecPath;
 use fape_kernels::pipeline::image::Image;
+use fape_kernels::pipeline::restore::{restore, Pipeline, WeightsSource};
 use fape_kernels::{FapeError, Result};
 
 /// Where the pipeline runs.

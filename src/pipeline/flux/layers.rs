@@ -5,7 +5,6 @@
 
 use candle_core::{DType, Tensor, D};
 
-
 use super::ExecPath;
 use crate::attention::{AttentionConfig, RMS_EPS};
 

@@ -7,9 +7,9 @@
 use candle_core::{DType, Tensor, D};
 use candle_nn::{Linear, Module, VarBuilder};
 
-use crate::candle_ops::{self, LoraMoeWeights};
 use super::ExecPath;
 use crate::candle_ops::candle_error;
+use crate::candle_ops::{self, LoraMoeWeights};
 use crate::lora_moe::{gaussian_taps, Band, LoraMoeConfig};
 
 /// A projection `d -> n` with a LoRA-MoE adapter.

@@ -8,9 +8,9 @@ use std::time::Duration;
 
 use clap::Args as ClapArgs;
 use fape_kernels::bench::{measure, BenchPlan, BenchRow, BenchTable, Timing, Work};
-use fape_kernels::pipeline::restore::{restore, test_scene, PeakMemory, Restored, StageTimings};
 use fape_kernels::pipeline::flux::ExecPath;
 use fape_kernels::pipeline::image::Image;
+use fape_kernels::pipeline::restore::{restore, test_scene, PeakMemory, Restored, StageTimings};
 use fape_kernels::{FapeError, Result};
 use indicatif::{ProgressBar, ProgressStyle};
 
