@@ -141,6 +141,23 @@ fn cli_restore_reads_png_and_jpeg_and_writes_png_and_tiff_of_the_input_size() {
 }
 
 #[test]
+fn synthesised_weight_files_restore_exactly_as_the_in_place_synthetic_weights() {
+    let (dir, input) = (scratch("synth-weights"), scratch("synth-in.png"));
+    write_scene(&input, 40, 24);
+    run_ok(&["weights", "synth", "--preset", "tiny", "--out", dir.to_str().unwrap(), "--seed", "11", "--dtype", "f32"]);
+    let restored = |source: &[&str], output: &PathBuf| {
+        let mut args = vec!["restore", input.to_str().unwrap(), "-o", output.to_str().unwrap()];
+        args.extend(["--preset", "tiny", "--device", "cpu"]);
+        args.extend(source);
+        run_ok(&args);
+        image::open(output).expect("output readable").to_rgb8().into_raw()
+    };
+    let from_files = restored(&["--weights", dir.to_str().unwrap()], &scratch("synth-files.png"));
+    let in_place = restored(&["--synthetic", "11"], &scratch("synth-in-place.png"));
+    assert_eq!(from_files, in_place, "weights written by `fape weights synth` restore differently from --synthetic");
+}
+
+#[test]
 fn cli_restore_handles_or_refuses_16_bit_rgba_clearly() {
     let (input, output) = (scratch("rgba16.png"), scratch("rgba16-out.png"));
     let pixels: Vec<u16> = (0..20 * 12 * 4).map(|i| (i * 997 % 65536) as u16).collect();

@@ -26,7 +26,7 @@ use candle_nn::VarBuilder;
 use image::imageops::{resize, FilterType};
 use image::Rgb32FImage;
 
-use super::vae::{Vae, VaeConfig};
+use super::vae::{Vae, VaeConfig, VAE_SUBFOLDER};
 use crate::error::{config_error, FapeError, Result};
 
 use super::flux::{one_step, ExecPath, FluxConfig, FluxTransformer, PlanEncoder};
@@ -128,7 +128,7 @@ impl Pipeline {
                 WeightsSource::Synthetic(seed) => Ok(weights::synthetic(*seed, dtype, &device)),
             }
         };
-        let vae = Vae::load(var_builder("vae")?, &vae_config).map_err(|e| weights_error(&weights, "vae", e))?;
+        let vae = Vae::load(var_builder(VAE_SUBFOLDER)?, &vae_config).map_err(|e| weights_error(&weights, "vae", e))?;
         let transformer_vb = var_builder("transformer")?;
         let transformer = FluxTransformer::load(transformer_vb.clone(), &flux_config)
             .map_err(|e| weights_error(&weights, "transformer", e))?;

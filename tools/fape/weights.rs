@@ -5,7 +5,8 @@ use std::path::PathBuf;
 
 use candle_core::DType;
 use clap::{Args, Subcommand, ValueEnum};
-use fape_kernels::pipeline::flux::{tensor_specs, FluxConfig, TRANSFORMER_SUBFOLDER};
+use fape_kernels::pipeline::flux::{self, FluxConfig, TRANSFORMER_SUBFOLDER};
+use fape_kernels::pipeline::vae::{self, VaeConfig, VAE_SUBFOLDER};
 use fape_kernels::pipeline::weights::{write_synthetic, DEFAULT_SHARD_BYTES};
 use fape_kernels::{FapeError, Result};
 
@@ -18,7 +19,7 @@ pub struct WeightsArgs {
 
 #[derive(Subcommand)]
 enum WeightsCommand {
-    /// Write seeded synthetic executor weights to OUT/transformer/ (with a progress bar).
+    /// Write seeded synthetic weights to OUT/transformer/ and, for a preset, OUT/vae/ (with progress bars).
     Synth(SynthArgs),
 }
 
@@ -37,13 +38,13 @@ struct SynthArgs {
     /// A JSON executor config instead of a preset (format in `FluxConfig::from_file`).
     #[arg(long)]
     config: Option<PathBuf>,
-    /// The weights directory; the files go to OUT/transformer/.
+    /// The weights directory: the files go to OUT/transformer/ and OUT/vae/.
     #[arg(long)]
     out: PathBuf,
     /// The seed of the synthetic values.
     #[arg(long, default_value_t = 0)]
     seed: u64,
-    /// The stored dtype.
+    /// The stored dtype (`fape restore` on the CPU loads f32 weights: the loader never converts).
     #[arg(long, value_enum, default_value = "bf16")]
     dtype: WeightDtype,
     /// The largest shard in GiB (bigger models get several files and an index).
@@ -70,17 +71,26 @@ pub fn run(args: WeightsArgs) -> Result<()> {
         WeightDtype::Bf16 => DType::BF16,
         WeightDtype::F32 => DType::F32,
     };
-    let specs = tensor_specs(&cfg)?;
     let shard_bytes = (args.shard_gib * (1u64 << 30) as f64) as u64;
-    let files = write_synthetic(&args.out, TRANSFORMER_SUBFOLDER, &specs, args.seed, dtype, shard_bytes, true)?;
-    let parameters: u64 = specs.iter().map(|s| s.elements() as u64).sum();
-    println!(
-        "{}: {} tensors, {parameters} parameters as {dtype:?} (seed {}) in {} file(s) under {}",
-        cfg.name,
-        specs.len(),
-        args.seed,
-        files.len(),
-        args.out.join(TRANSFORMER_SUBFOLDER).display()
-    );
+    // A preset names both models; a config file describes the transformer only.
+    let vae_config = args.preset.as_deref().map(VaeConfig::preset).transpose()?;
+    let mut parts = vec![(cfg.name.clone(), TRANSFORMER_SUBFOLDER, flux::tensor_specs(&cfg)?)];
+    if let Some(vae_config) = &vae_config {
+        parts.push((format!("{} autoencoder", cfg.name), VAE_SUBFOLDER, vae::tensor_specs(vae_config)?));
+    }
+    for (what, subfolder, specs) in parts {
+        let files = write_synthetic(&args.out, subfolder, &specs, args.seed, dtype, shard_bytes, true)?;
+        let parameters: u64 = specs.iter().map(|s| s.elements() as u64).sum();
+        println!(
+            "{what}: {} tensors, {parameters} parameters as {dtype:?} (seed {}) in {} file(s) under {}",
+            specs.len(),
+            args.seed,
+            files.len(),
+            args.out.join(subfolder).display()
+        );
+    }
+    if vae_config.is_none() {
+        println!("no autoencoder written: --config describes the transformer only (use --preset for both)");
+    }
     Ok(())
 }

@@ -137,6 +137,25 @@ impl Module for Decoder {
     }
 }
 
+/// The folder of a weights directory that holds the autoencoder (`DIR/vae/*.safetensors`).
+pub const VAE_SUBFOLDER: &str = "vae";
+
+/// Every tensor [`Vae::load`] reads for `config`, by name and shape, in load order (recorded
+/// without allocating: what `fape weights synth` writes under [`VAE_SUBFOLDER`]).
+///
+/// # Errors
+/// [`crate::FapeError::Config`] for an invalid `config`.
+pub fn tensor_specs(config: &VaeConfig) -> crate::Result<Vec<crate::pipeline::weights::TensorSpec>> {
+    config.validate()?;
+    let recorder = crate::pipeline::weights::Recorder::new();
+    Vae::load(recorder.var_builder(candle_core::DType::F32), config).map_err(|e| crate::FapeError::Device {
+        backend: "candle",
+        context: "recording the autoencoder's tensors".into(),
+        message: e.to_string(),
+    })?;
+    Ok(recorder.specs())
+}
+
 /// FLUX's autoencoder: [`Vae::encode`] and [`Vae::decode`] between images in [-1, 1] and
 /// normalised latents.
 #[derive(Debug, Clone)]
