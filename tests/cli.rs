@@ -1,23 +1,15 @@
 //! The `fape` command as a user meets it: `fape op` on safetensors files, and bad input giving
 //! exit code 2 with one line naming what is at fault.
 
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::path::Path;
 
 use fape_kernels::io::{self, TensorFile};
 use fape_kernels::lora_moe::{reference, Band, LoraMoeConfig, LoraMoeInputs, TOLERANCE_F32};
 use fape_kernels::testing::{assert_close, rng, uniform};
 use fape_kernels::{Tensor, View};
 
-fn fape(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_fape")).args(args).output().expect("fape runs")
-}
-
-fn scratch(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("fape-cli-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    dir.join(name)
-}
+mod common;
+use common::cli::{assert_bad_input, fape, scratch};
 
 fn write(path: &Path, tensors: &[(&str, Tensor<f32>)]) {
     let refs: Vec<(&str, &Tensor<f32>)> = tensors.iter().map(|(n, t)| (*n, t)).collect();
@@ -26,17 +18,6 @@ fn write(path: &Path, tensors: &[(&str, Tensor<f32>)]) {
 
 fn random(seed: u64, shape: &[usize]) -> Tensor<f32> {
     Tensor::new(uniform(&mut rng(seed), shape.iter().product(), -1.0, 1.0), shape.to_vec()).unwrap()
-}
-
-/// Asserts exit code 2 and a single stderr line containing every `needle`.
-fn assert_bad_input(out: &Output, needles: &[&str]) {
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    let lines: Vec<&str> = stderr.lines().filter(|l| !l.contains("XDG_RUNTIME_DIR")).collect();
-    assert_eq!(out.status.code(), Some(2), "stderr: {stderr}");
-    assert_eq!(lines.len(), 1, "expected one line, got: {stderr}");
-    for needle in needles {
-        assert!(lines[0].contains(needle), "`{}` lacks `{needle}`", lines[0]);
-    }
 }
 
 fn lora_inputs() -> Vec<(&'static str, Tensor<f32>)> {

@@ -2,38 +2,19 @@
 //! images from a split, and bad input (missing, non-image, zero-size files) giving exit code 2
 //! with one line naming the file.
 
-use std::path::PathBuf;
-use std::process::{Command, Output};
+use std::process::Output;
 
 use fape_kernels::pipeline::degrade::Degradation;
 use fape_kernels::pipeline::image::Image;
 use fape_kernels::pipeline::planner::{PlanLine, Task};
 use fape_kernels::pipeline::scenes::scene;
 
-fn fape(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_fape")).args(args).output().expect("fape runs")
-}
-
-fn scratch(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("fape-cli-pipeline-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    dir.join(name)
-}
+mod common;
+use common::cli::{assert_bad_input, fape, scratch};
 
 fn stdout(out: &Output) -> String {
     assert!(out.status.success(), "fape failed: {}", String::from_utf8_lossy(&out.stderr));
     String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-/// Asserts exit code 2 and a single stderr line containing every `needle`.
-fn assert_bad_input(out: &Output, needles: &[&str]) {
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    let lines: Vec<&str> = stderr.lines().filter(|l| !l.contains("XDG_RUNTIME_DIR")).collect();
-    assert_eq!(out.status.code(), Some(2), "stderr: {stderr}");
-    assert_eq!(lines.len(), 1, "expected one line, got: {stderr}");
-    for needle in needles {
-        assert!(lines[0].contains(needle), "`{}` lacks `{needle}`", lines[0]);
-    }
 }
 
 /// A PNG whose header claims a zero width (valid chunk CRCs, so only the extent is wrong).

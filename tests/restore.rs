@@ -3,7 +3,6 @@
 //! meets them (bad input exits 2 with one line).
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
 
 use candle_core::{DType, Device};
 use fape_kernels::pipeline::flux::ExecPath;
@@ -13,16 +12,11 @@ use fape_kernels::pipeline::vae::{Vae, VaeConfig};
 use fape_kernels::FapeError;
 
 mod common;
+use common::cli::{assert_bad_input, fape, scratch};
 use common::SeededWeights;
 
 fn tiny_pipeline(seed: u64) -> Pipeline {
     Pipeline::load(WeightsSource::Synthetic(seed), "tiny", Device::Cpu, DType::F32).expect("tiny pipeline loads")
-}
-
-fn scratch(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("fape-restore-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    dir.join(name)
 }
 
 fn assert_restored(input: &Image, output: &Image) {
@@ -94,21 +88,6 @@ fn load_errors_name_the_preset_dtype_folder_and_tensor() {
     candle_core::safetensors::save(&tensors, dir.join("vae").join("diffusion_pytorch_model.safetensors")).unwrap();
     let message = err(Pipeline::load(WeightsSource::Dir(dir), "tiny", Device::Cpu, DType::F32));
     assert!(message.contains(absent), "{message}");
-}
-
-fn fape(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_fape")).args(args).output().expect("fape runs")
-}
-
-/// Asserts exit code 2 and a single stderr line containing every `needle`.
-fn assert_bad_input(out: &Output, needles: &[&str]) {
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    let lines: Vec<&str> = stderr.lines().filter(|l| !l.contains("XDG_RUNTIME_DIR")).collect();
-    assert_eq!(out.status.code(), Some(2), "stderr: {stderr}");
-    assert_eq!(lines.len(), 1, "expected one line, got: {stderr}");
-    for needle in needles {
-        assert!(lines[0].contains(needle), "`{}` lacks `{needle}`", lines[0]);
-    }
 }
 
 fn write_scene(path: &Path, width: usize, height: usize) {

@@ -1,6 +1,8 @@
-//! Helpers shared by the pipeline tests: seeded random weights for any candle model, and
-//! tensor conversions.
+//! Helpers shared by the integration tests: the `fape` binary's CLI rules ([`cli`]), seeded
+//! random weights for any candle model, and tensor conversions.
 #![allow(dead_code)] // each test crate uses a part
+
+pub mod cli;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
