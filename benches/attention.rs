@@ -4,9 +4,12 @@
 //! Throughput counts 4 B H Lq Lk D floating-point operations.
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
-use fape_kernels::attention::{attention, reference, rope_tables, AttentionConfig, AttentionInputs, CudaAttention, OP};
+#[cfg(feature = "cuda")]
+use fape_kernels::attention::CudaAttention;
+use fape_kernels::attention::{attention, reference, rope_tables, AttentionConfig, AttentionInputs, OP};
 use fape_kernels::testing::{rng, uniform};
 use fape_kernels::{Device, DeviceKind, FapeError, View};
+#[cfg(feature = "cuda")]
 use half::bf16;
 
 fn bench(c: &mut Criterion) {
@@ -49,9 +52,11 @@ fn bench(c: &mut Criterion) {
     group.finish();
 }
 
+#[cfg(feature = "cuda")]
 /// `(B, H, L, D)` of the CUDA rows: FLUX at 512 px and 1024 px, and a batch of four at 512 px.
 const CUDA_SHAPES: [(usize, usize, usize, usize); 3] = [(1, 24, 1536, 128), (1, 24, 4608, 128), (4, 24, 1536, 128)];
 
+#[cfg(feature = "cuda")]
 fn bench_cuda(c: &mut Criterion) {
     let Ok(Device::Cuda(cuda)) = Device::open(DeviceKind::Cuda) else {
         eprintln!("bench: no CUDA device, skipping the bf16 flash/naive group");
@@ -82,5 +87,8 @@ fn bench_cuda(c: &mut Criterion) {
     group.finish();
 }
 
+#[cfg(feature = "cuda")]
 criterion_group!(benches, bench, bench_cuda);
+#[cfg(not(feature = "cuda"))]
+criterion_group!(benches, bench);
 criterion_main!(benches);

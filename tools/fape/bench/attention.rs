@@ -3,9 +3,9 @@
 //! TFLOP/s counts 4 B H Lq Lk D.
 
 use clap::Args as ClapArgs;
-use fape_kernels::attention::{
-    attention_typed, rope_tables, AttentionConfig, AttentionElement, AttentionInputs, CudaAttention, OP,
-};
+#[cfg(feature = "cuda")]
+use fape_kernels::attention::CudaAttention;
+use fape_kernels::attention::{attention_typed, rope_tables, AttentionConfig, AttentionElement, AttentionInputs, OP};
 use fape_kernels::bench::{host_timed, measure, BenchPlan, BenchRow, BenchTable, Work};
 use fape_kernels::testing::{compare, rng, uniform};
 use fape_kernels::{Device, DeviceKind, FapeError, Result, Tensor, View};
@@ -14,9 +14,11 @@ use half::bf16;
 /// Arguments of this benchmark.
 #[derive(ClapArgs)]
 pub struct Args {
-    /// Skip the CPU and Cube rows (only the CUDA shapes).
-    #[arg(long)]
-    cuda_only: bool,
+    /// Backends to run (repeatable) [default: cuda, cpu and cube, those present]. CUDA runs
+    /// FLUX's shapes (and the small one when a host backend is asked for too); the host backends
+    /// run the small shape.
+    #[arg(long = "device")]
+    devices: Vec<DeviceKind>,
 }
 
 /// `(B, H, L, D)` of the CUDA rows: FLUX at 512 px and 1024 px, and a batch of four at 512 px.
@@ -83,34 +85,39 @@ impl<T: AttentionElement> Inputs<T> {
 pub fn run(args: Args) -> Result<()> {
     let mut table = BenchTable::new(OP, "naive");
     let plan = BenchPlan::default();
-    match Device::open(DeviceKind::Cuda) {
-        Ok(Device::Cuda(cuda)) => {
-            eprintln!("cuda: {}", cuda.info());
-            let mut shapes = CUDA_SHAPES.to_vec();
-            if !args.cuda_only {
-                shapes.insert(0, SMALL_SHAPE);
+    let explicit = !args.devices.is_empty();
+    let kinds = if explicit { args.devices } else { vec![DeviceKind::Cuda, DeviceKind::Cpu, DeviceKind::Cube] };
+    let host_rows = kinds.iter().any(|&k| k != DeviceKind::Cuda);
+    for kind in kinds {
+        let device = match Device::open(kind) {
+            Ok(device) => device,
+            Err(err) if !explicit => {
+                eprintln!("{kind}: skipped ({err})");
+                continue;
             }
-            for (i, &shape) in shapes.iter().enumerate() {
-                let inputs = Inputs::<bf16>::generate(shape, 50 + i as u64)?;
-                cuda_rows(&cuda, &inputs, plan, &mut table)?;
+            Err(err) => return Err(err),
+        };
+        match &device {
+            #[cfg(feature = "cuda")]
+            Device::Cuda(cuda) => {
+                eprintln!("cuda: {}", cuda.info());
+                let mut shapes = CUDA_SHAPES.to_vec();
+                if host_rows {
+                    shapes.insert(0, SMALL_SHAPE);
+                }
+                for (i, &shape) in shapes.iter().enumerate() {
+                    let inputs = Inputs::<bf16>::generate(shape, 50 + i as u64)?;
+                    cuda_rows(cuda, &inputs, plan, &mut table)?;
+                }
             }
-        }
-        Ok(_) => {}
-        Err(err) => eprintln!("cuda: skipped ({err})"),
-    }
-    if !args.cuda_only {
-        let inputs = Inputs::<f32>::generate(SMALL_SHAPE, 50)?;
-        for kind in [DeviceKind::Cpu, DeviceKind::Cube] {
-            match Device::open(kind) {
-                Ok(device) => host_row(&device, &inputs, plan, &mut table)?,
-                Err(err) => eprintln!("{kind}: skipped ({err})"),
-            }
+            _ => host_row(&device, &Inputs::<f32>::generate(SMALL_SHAPE, 50)?, plan, &mut table)?,
         }
     }
     println!("{table}");
     Ok(())
 }
 
+#[cfg(feature = "cuda")]
 /// The naive baseline, the flash kernel, and the flash kernel with QK-RMSNorm and RoPE (its
 /// pre-pass included), bf16 on the device, each timed to a stream sync; then the flash output
 /// is compared with the naive one (a sanity line on stderr).
