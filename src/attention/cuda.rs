@@ -609,3 +609,74 @@ mod fragment_layouts {
         check(128);
     }
 }
+
+/// The tile constants mirrored in this file (and in `super::naive`) against the `constexpr int`s
+/// of `kernels/attention.cu`: a drift would size the dynamic shared memory or the grid wrongly,
+/// which only a GPU run would otherwise show.
+#[cfg(test)]
+pub(super) mod mirrored_constants {
+    use super::{flash_cfg, flash_f32_cfg, prepare_cfg, ATTENTION_CU};
+
+    /// The value of `constexpr int name` in `namespace space` of `kernels/attention.cu`; the
+    /// right-hand side is a chain of `*` and `/` over literals and earlier names of the
+    /// namespace, evaluated left to right as C++ does.
+    pub(in crate::attention) fn kernel_constant(space: &str, name: &str) -> i64 {
+        let source = ATTENTION_CU.1;
+        let start = source.find(&format!("namespace {space} {{")).unwrap_or_else(|| panic!("no namespace {space}"));
+        let body = &source[start..];
+        let body = &body[..body.find("}  // namespace").unwrap_or_else(|| panic!("namespace {space} is not closed"))];
+        let mut values: Vec<(&str, i64)> = Vec::new();
+        for line in body.lines() {
+            let code = line.split("//").next().unwrap_or_default().trim();
+            let Some(definition) = code.strip_prefix("constexpr int ") else { continue };
+            let (lhs, rhs) = definition.trim_end_matches(';').split_once('=').expect("constexpr int NAME = EXPR;");
+            let operand = |token: &str| -> i64 {
+                token.parse().unwrap_or_else(|_| {
+                    values.iter().find(|(n, _)| *n == token).unwrap_or_else(|| panic!("{space}::{token}?")).1
+                })
+            };
+            let mut tokens = rhs.split_whitespace();
+            let mut value = operand(tokens.next().expect("an operand"));
+            while let (Some(op), Some(right)) = (tokens.next(), tokens.next()) {
+                let right = operand(right);
+                value = match op {
+                    "*" => value * right,
+                    "/" => value / right,
+                    other => panic!("{space}::{lhs}: operator {other}"),
+                };
+            }
+            values.push((lhs.trim(), value));
+        }
+        values.iter().find(|(n, _)| *n == name).unwrap_or_else(|| panic!("no {space}::{name}")).1
+    }
+
+    #[test]
+    fn launch_constants_match_the_kernel_source() {
+        let flash = |name| kernel_constant("attention_flash_cfg", name);
+        assert_eq!(flash("THREADS"), i64::from(flash_cfg::THREADS));
+        assert_eq!(flash("BLOCK_M"), flash_cfg::BLOCK_M as i64);
+        assert_eq!(flash("BLOCK_N"), flash_cfg::BLOCK_N as i64);
+        assert_eq!(flash("PAD"), flash_cfg::PAD as i64);
+        let f32_flash = |name| kernel_constant("attention_flash_f32_cfg", name);
+        assert_eq!(f32_flash("THREADS"), i64::from(flash_f32_cfg::THREADS));
+        assert_eq!(f32_flash("BLOCK_M"), flash_f32_cfg::BLOCK_M as i64);
+        assert_eq!(f32_flash("BLOCK_N"), flash_f32_cfg::BLOCK_N as i64);
+        assert_eq!(f32_flash("MAX_D"), flash_f32_cfg::MAX_D as i64);
+        let prepare = |name| kernel_constant("attention_prepare_cfg", name);
+        assert_eq!(prepare("THREADS"), i64::from(prepare_cfg::THREADS));
+        assert_eq!(prepare("WARPS"), prepare_cfg::WARPS as i64);
+    }
+
+    /// The tensor-core kernel at D = 128 (and the f32 kernel at D = 256) needs the opt-in above
+    /// 48 KiB; both stay within an H100's 227 KiB per block.
+    #[test]
+    fn shared_memory_sizes() {
+        assert_eq!(flash_cfg::smem_bytes(64), (64 + 4 * 64) * 72 * 2);
+        assert_eq!(flash_cfg::smem_bytes(128), (64 + 4 * 64) * 136 * 2);
+        assert!(flash_cfg::smem_bytes(128) > super::DEFAULT_SMEM);
+        assert!(flash_f32_cfg::smem_bytes(flash_f32_cfg::MAX_D) > super::DEFAULT_SMEM);
+        for bytes in [flash_cfg::smem_bytes(128), flash_f32_cfg::smem_bytes(flash_f32_cfg::MAX_D)] {
+            assert!(bytes <= 227 * 1024, "{bytes} bytes");
+        }
+    }
+}

@@ -234,3 +234,14 @@ impl Naive {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::softmax_cfg;
+    use crate::attention::cuda::mirrored_constants::kernel_constant;
+
+    #[test]
+    fn softmax_threads_match_the_kernel_source() {
+        assert_eq!(kernel_constant("attention_softmax_cfg", "THREADS"), i64::from(softmax_cfg::THREADS));
+    }
+}
