@@ -438,10 +438,11 @@ extern "C" __global__ void __launch_bounds__(FS_THREADS)
     }
 }
 
-// Between cuFFT's R2C and C2R (any h, w): block (t, i) masks bins t * bins .. of image i's
-// half-spectrum `[h][w/2+1]` in place (scaled by 1/(h w), so C2R yields low) and writes its
-// unscaled band sums to partial[(i * gridDim.x + t) * nbands + b]. Shared: nbands * FS_THREADS
-// floats.
+// Between cuFFT's R2C and C2R (any h, w): block k = i * tiles + t (a 1-D grid of images *
+// tiles blocks, tiles = ceil(h (w/2+1) / bins), so any number of images fits the grid) masks
+// bins t * bins .. of image i's half-spectrum `[h][w/2+1]` in place (scaled by 1/(h w), so C2R
+// yields low) and writes its unscaled band sums to partial[k * nbands + b]. Shared: nbands *
+// FS_THREADS floats.
 extern "C" __global__ void __launch_bounds__(FS_THREADS)
     freq_mask_energy_f32(float2* __restrict__ spec, double* __restrict__ partial, int h, int w, int bins,
                          SpectralParams p) {
@@ -450,9 +451,10 @@ extern "C" __global__ void __launch_bounds__(FS_THREADS)
     const int wh = w / 2 + 1;
     const int nbands = p.nedges - 1;
     const long long total = (long long)h * wh;
-    const long long first = (long long)blockIdx.x * bins;
+    const long long tiles = (total + bins - 1) / bins;
+    const long long image = blockIdx.x / tiles;
+    const long long first = (blockIdx.x % tiles) * bins;
     const long long last = min(total, first + bins);
-    const long long image = blockIdx.y;
     float2* si = spec + image * total;
     zero_slots(acc, nbands);
     __syncthreads();
@@ -462,7 +464,7 @@ extern "C" __global__ void __launch_bounds__(FS_THREADS)
         mask_bin(si + i, (int)(i / wh), (int)(i % wh), h, w, inv_h, inv_w, inv_pixels, p, acc);
     }
     __syncthreads();
-    double* out = partial + (image * gridDim.x + blockIdx.x) * nbands;
+    double* out = partial + (long long)blockIdx.x * nbands;
     reduce_slots(acc, nbands, 1.0, [&](int b, double e) { out[b] = e; });
 }
 

@@ -162,14 +162,28 @@ fn loaded(d: &CudaDevice) -> Result<Arc<Loaded>> {
     if let Some(l) = cache.get(&key) {
         return Ok(l.clone());
     }
+    let attribute = |a| d.attribute(a).map(|v| usize::try_from(v).unwrap_or(0));
+    let optin_shared =
+        attribute(cu::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)?.max(DEFAULT_SHARED);
+    let l2 = attribute(cu::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_L2_CACHE_SIZE)?;
     let mut functions = HashMap::new();
     for name in KERNELS {
-        functions.insert(name, d.function(FREQ_SPLIT_CU, name)?);
+        let f = d.function(FREQ_SPLIT_CU, name)?;
+        // Once per context, to the device's opt-in maximum: the attribute belongs to the
+        // function, which every thread using this context shares, so setting it per call to
+        // that call's size would let a concurrent call with a smaller size lower it between
+        // another call's set and launch (CUDA_ERROR_INVALID_VALUE at launch). The attribute is
+        // only a cap; each launch still asks for its own size.
+        if optin_shared > DEFAULT_SHARED {
+            f.set_attribute(
+                cu::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                kernel_int(OP, "shared memory bytes", optin_shared)?,
+            )
+            .map_err(dev_err(format!("allowing {name} {optin_shared} bytes of dynamic shared memory")))?;
+        }
+        functions.insert(name, f);
     }
-    let attribute = |a| d.attribute(a).map(|v| usize::try_from(v).unwrap_or(0));
-    let optin_shared = attribute(cu::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)?;
-    let l2 = attribute(cu::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_L2_CACHE_SIZE)?;
-    let l = Arc::new(Loaded { functions, optin_shared: optin_shared.max(DEFAULT_SHARED), l2 });
+    let l = Arc::new(Loaded { functions, optin_shared, l2 });
     cache.insert(key, l.clone());
     Ok(l)
 }
@@ -196,17 +210,16 @@ fn route(k: &Loaded, dims: FreqDims, nbands: usize, path: CudaFftPath) -> Route 
     Route::Cufft
 }
 
-/// `kernel` (one of [`KERNELS`]), allowed `shared` bytes of dynamic shared memory.
+/// `kernel` (one of [`KERNELS`]), checked to be allowed `shared` bytes of dynamic shared memory
+/// (every kernel may use up to [`Loaded::optin_shared`], set once in [`loaded`]).
 fn function(k: &Loaded, kernel: &str, shared: usize) -> Result<CudaFunction> {
-    let f = k.functions.get(kernel).cloned().ok_or_else(|| unsupported(format!("no kernel `{kernel}`")))?;
-    if shared > DEFAULT_SHARED {
-        f.set_attribute(
-            cu::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-            kernel_int(OP, "shared memory bytes", shared)?,
-        )
-        .map_err(dev_err(format!("allowing {kernel} {shared} bytes of shared memory")))?;
+    if shared > k.optin_shared {
+        return Err(unsupported(format!(
+            "{kernel} with {shared} bytes of shared memory (the device allows {})",
+            k.optin_shared
+        )));
     }
-    Ok(f)
+    k.functions.get(kernel).cloned().ok_or_else(|| unsupported(format!("no kernel `{kernel}`")))
 }
 
 fn block(shared: usize) -> Result<((u32, u32, u32), u32)> {
@@ -282,10 +295,10 @@ fn launch_fused(
     // reads x and writes low/high at image * h * w + [0, h w) and energy at image * nbands +
     // [0, nbands), all within the buffers (lengths checked by `split_device`); h and w are
     // powers of two <= 128 with log2h/log2w their exponents, and `shared` is the kernel's
-    // dynamic shared memory for them (`fused_shared`), allowed by the attribute set in
-    // `function`. low, high and energy are distinct mutable buffers, x is not written. They
-    // outlive the launch: callers synchronise before dropping them, and cudarc's drop waits on
-    // the stream otherwise.
+    // dynamic shared memory for them (`fused_shared`), at most the opt-in maximum every kernel
+    // is allowed in `loaded` (checked by `function`). low, high and energy are distinct
+    // mutable buffers, x is not written. They outlive the launch: callers synchronise before
+    // dropping them, and cudarc's drop waits on the stream otherwise.
     unsafe { launch.launch(cfg) }.map_err(dev_err(format!("launching {kernel}")))?;
     Ok(())
 }
@@ -391,15 +404,17 @@ fn three_pass(
     Ok(())
 }
 
-/// Plan key: stream, transform extents (rank 1 when `h == 1`), batch and direction.
-type PlanKey = (usize, usize, usize, usize, bool);
+/// Plan key: context, stream, transform extents (rank 1 when `h == 1`), batch and direction.
+type PlanKey = (usize, usize, usize, usize, usize, bool);
 
 /// A cached cuFFT plan of `batch` transforms of `h x w` images on `d`'s stream, R2C (`forward`)
-/// or C2R. Plans keep their stream alive, so a cached key is never reused by another stream.
+/// or C2R. Plans keep their stream and its context alive, so a cached key is never reused by
+/// another stream. The context is part of the key because the legacy and per-thread default
+/// streams (candle's `Device::new_cuda` uses the latter) have the same handle in every context.
 fn plan(d: &CudaDevice, h: usize, w: usize, batch: usize, forward: bool) -> Result<Arc<CudaFft>> {
     static PLANS: OnceLock<Mutex<HashMap<PlanKey, Arc<CudaFft>>>> = OnceLock::new();
     let stream = d.stream();
-    let key = (stream.cu_stream() as usize, h, w, batch, forward);
+    let key = (stream.context().cu_ctx() as usize, stream.cu_stream() as usize, h, w, batch, forward);
     let mut plans = PLANS.get_or_init(Default::default).lock().unwrap_or_else(PoisonError::into_inner);
     if let Some(p) = plans.get(&key) {
         return Ok(p.clone());
@@ -476,14 +491,15 @@ fn cufft_split(
     let shared = nbands * THREADS * 4;
     let (threads, shared_u32) = block(shared)?;
     let mask = function(k, "freq_mask_energy_f32", shared)?;
-    let cfg = launch_config(OP, (mask_tiles, images, 1), threads, shared_u32)?;
+    let cfg = launch_config(OP, (mask_tiles * images, 1, 1), threads, shared_u32)?;
     let (h_i, w_i, bins_i) = (h as i32, w as i32, MASK_BINS as i32);
     let mut launch = d.stream().launch_builder(&mask);
     launch.arg(&mut spec).arg(&mut partial).arg(&h_i).arg(&w_i).arg(&bins_i).arg(&params);
     // SAFETY: matches `freq_mask_energy_f32(float2* spec, double* partial, int h, int w, int
-    // bins, SpectralParams p)`. Block (t, i) rewrites bins [t bins, min((t+1) bins, h (w/2+1)))
-    // of image i of spec (images * h (w/2+1) float2, all written by the R2C above) and writes
-    // partial[(i tiles + t) nbands + b], b < nbands (images * tiles * nbands f64: all written).
+    // bins, SpectralParams p)`. Block k = i tiles + t (k < images * tiles) rewrites bins
+    // [t bins, min((t+1) bins, h (w/2+1))) of image i of spec (images * h (w/2+1) float2, all
+    // written by the R2C above) and writes partial[k nbands + b], b < nbands (images * tiles *
+    // nbands f64: all written).
     // Shared memory: nbands * 256 f32, allowed. Buffers outlive the launch (see launch_fused).
     unsafe { launch.launch(cfg) }.map_err(dev_err("launching freq_mask_energy_f32"))?;
 
@@ -704,6 +720,15 @@ mod tests {
         // Without opt-in shared memory it falls back to the three passes.
         let small = Loaded { optin_shared: DEFAULT_SHARED, ..hopper() };
         assert!(matches!(route(&small, dims(1, 128, 128), 5, CudaFftPath::Auto), Route::ThreePass { .. }));
+    }
+
+    #[test]
+    fn kernels_are_refused_more_shared_memory_than_the_device_allows() {
+        let k = hopper();
+        match function(&k, "freq_split_fused_f32", k.optin_shared + 1) {
+            Err(FapeError::Unsupported { what, .. }) => assert!(what.contains("bytes of shared memory"), "{what}"),
+            _ => panic!("a launch above the opt-in maximum must be refused before it reaches the driver"),
+        }
     }
 
     #[test]
