@@ -454,6 +454,7 @@ fn cuda_matches_reference_with_custom_cutoff_and_partial_edges() {
     }
 }
 
+#[cfg(feature = "cuda")]
 #[test]
 fn cuda_cufft_baseline_path_matches_reference_at_powers_of_two() {
     let Some(Device::Cuda(device)) = cuda_device("cuda_cufft_baseline_path_matches_reference_at_powers_of_two") else {
@@ -531,6 +532,7 @@ fn cuda_is_deterministic_and_propagates_nan() {
     }
 }
 
+#[cfg(feature = "cuda")]
 #[test]
 fn cuda_rejects_more_bands_than_its_kernels_take() {
     let Some(device) = cuda_device("cuda_rejects_more_bands_than_its_kernels_take") else { return };

@@ -7,8 +7,11 @@ use clap::Args as ClapArgs;
 use fape_kernels::attention::CudaAttention;
 use fape_kernels::attention::{attention_typed, rope_tables, AttentionConfig, AttentionElement, AttentionInputs, OP};
 use fape_kernels::bench::{host_timed, measure, BenchPlan, BenchRow, BenchTable, Work};
-use fape_kernels::testing::{compare, rng, uniform};
+#[cfg(feature = "cuda")]
+use fape_kernels::testing::compare;
+use fape_kernels::testing::{rng, uniform};
 use fape_kernels::{Device, DeviceKind, FapeError, Result, Tensor, View};
+#[cfg(feature = "cuda")]
 use half::bf16;
 
 /// Arguments of this benchmark.
@@ -22,6 +25,7 @@ pub struct Args {
 }
 
 /// `(B, H, L, D)` of the CUDA rows: FLUX at 512 px and 1024 px, and a batch of four at 512 px.
+#[cfg(feature = "cuda")]
 const CUDA_SHAPES: [(usize, usize, usize, usize); 3] = [(1, 24, 1536, 128), (1, 24, 4608, 128), (4, 24, 1536, 128)];
 
 /// `(B, H, L, D)` where every backend runs (the host ones in f32).
@@ -87,6 +91,7 @@ pub fn run(args: Args) -> Result<()> {
     let plan = BenchPlan::default();
     let explicit = !args.devices.is_empty();
     let kinds = if explicit { args.devices } else { vec![DeviceKind::Cuda, DeviceKind::Cpu, DeviceKind::Cube] };
+    #[cfg(feature = "cuda")]
     let host_rows = kinds.iter().any(|&k| k != DeviceKind::Cuda);
     for kind in kinds {
         let device = match Device::open(kind) {
@@ -101,11 +106,9 @@ pub fn run(args: Args) -> Result<()> {
             #[cfg(feature = "cuda")]
             Device::Cuda(cuda) => {
                 eprintln!("cuda: {}", cuda.info());
-                let mut shapes = CUDA_SHAPES.to_vec();
-                if host_rows {
-                    shapes.insert(0, SMALL_SHAPE);
-                }
-                for (i, &shape) in shapes.iter().enumerate() {
+                // The small shape too when a host backend runs it, for a same-shape comparison.
+                let small = host_rows.then_some(SMALL_SHAPE);
+                for (i, &shape) in small.iter().chain(&CUDA_SHAPES).enumerate() {
                     let inputs = Inputs::<bf16>::generate(shape, 50 + i as u64)?;
                     cuda_rows(cuda, &inputs, plan, &mut table)?;
                 }
