@@ -634,9 +634,13 @@ impl LoraMoeLinear {
             // 3. y = x . W^T + bias (the first d columns of Wp), meanwhile the kernels above run
             // on the side stream; then y += u . B^T over the columns d.. of xa and Wp.
             Schedule::Overlapped => {
-                gemm_strided(&self.blas, (x, d), (&weight, k_pad), self.bias.as_ref(), y, (rows, n_total, d), 0.0)?;
+                let base =
+                    gemm_strided(&self.blas, (x, d), (&weight, k_pad), self.bias.as_ref(), y, (rows, n_total, d), 0.0);
+                // Join the side stream even when the base GEMM failed, so that no later use or
+                // free of the workspace on the layer's stream races the side stream's kernels.
                 let done = self.side.record_event(None).map_err(dev_err("recording an event"))?;
                 stream.wait(&done).map_err(dev_err("waiting for the side stream"))?;
+                base?;
                 let u = ws.xa.slice(d..rows * k_pad);
                 let lora = self.weight.slice(d..);
                 gemm_strided(&self.blas, (&u, k_pad), (&lora, k_pad), None, y, (rows, n_total, k_pad - d), 1.0)
