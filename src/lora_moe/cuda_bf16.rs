@@ -187,8 +187,9 @@ pub struct LoraMoeLinear {
     bands: CudaSlice<i32>,
     config: LoraMoeConfig,
     workspace: Mutex<Option<Workspace>>,
-    /// The second stream of [`Schedule::Overlapped`].
-    side: Arc<CudaStream>,
+    /// The second stream of [`Schedule::Overlapped`], created on its first use (the candle op
+    /// builds a layer per call and never needs it).
+    side: OnceLock<Arc<CudaStream>>,
 }
 
 impl LoraMoeLinear {
@@ -321,7 +322,7 @@ impl LoraMoeLinear {
             bands,
             config: config.clone(),
             workspace: Mutex::new(None),
-            side: stream.context().new_stream().map_err(dev_err("creating the side stream"))?,
+            side: OnceLock::new(),
         })
     }
 
@@ -476,9 +477,10 @@ impl LoraMoeLinear {
         let ks = match schedule {
             Schedule::OneGemm => stream,
             Schedule::Overlapped => {
+                let side = self.side_stream()?;
                 let queued = stream.record_event(None).map_err(dev_err("recording an event"))?;
-                self.side.wait(&queued).map_err(dev_err("ordering the side stream"))?;
-                &self.side
+                side.wait(&queued).map_err(dev_err("ordering the side stream"))?;
+                side
             }
         };
 
@@ -638,7 +640,7 @@ impl LoraMoeLinear {
                     gemm_strided(&self.blas, (x, d), (&weight, k_pad), self.bias.as_ref(), y, (rows, n_total, d), 0.0);
                 // Join the side stream even when the base GEMM failed, so that no later use or
                 // free of the workspace on the layer's stream races the side stream's kernels.
-                let done = self.side.record_event(None).map_err(dev_err("recording an event"))?;
+                let done = ks.record_event(None).map_err(dev_err("recording an event"))?;
                 stream.wait(&done).map_err(dev_err("waiting for the side stream"))?;
                 base?;
                 let u = ws.xa.slice(d..rows * k_pad);
@@ -646,6 +648,20 @@ impl LoraMoeLinear {
                 gemm_strided(&self.blas, (&u, k_pad), (&lora, k_pad), None, y, (rows, n_total, k_pad - d), 1.0)
             }
         }
+    }
+}
+
+impl LoraMoeLinear {
+    /// The side stream of [`Schedule::Overlapped`], created on first use.
+    ///
+    /// # Errors
+    /// [`FapeError::Device`] when the stream cannot be created.
+    fn side_stream(&self) -> Result<&Arc<CudaStream>> {
+        if let Some(side) = self.side.get() {
+            return Ok(side);
+        }
+        let side = self.device.stream().context().new_stream().map_err(dev_err("creating the side stream"))?;
+        Ok(self.side.get_or_init(|| side))
     }
 }
 
