@@ -38,6 +38,14 @@ mod shrink_cfg {
     pub const SPLIT_COLS: usize = 256;
     /// Padded shared row, floats.
     pub const STRIDE: usize = 68;
+    /// Static shared memory of the kernel (`red`: 8 warps x 3 doubles).
+    pub const STATIC_SMEM_BYTES: usize = 8 * 3 * 8;
+
+    /// Dynamic shared memory of a launch: the tile plus halo rows and the slab rows, padded to
+    /// STRIDE floats, then the taps.
+    pub const fn dynamic_smem_bytes(taps: usize) -> usize {
+        (((TOKENS + taps - 1) + SLAB) * STRIDE + taps) * 4
+    }
 }
 
 /// Mirrors `lora_moe_gate_cfg` in `kernels/lora_moe_bf16.cu`.
@@ -52,10 +60,23 @@ mod gate_cfg {
     pub const MAX_EXPERTS: usize = 16;
     /// Projections per group its shared gate array holds.
     pub const MAX_PROJECTIONS: usize = 4;
+    /// Static shared memory of the kernel (`red`, `prior`, `gate_s`).
+    pub const STATIC_SMEM_BYTES: usize = 8 * 3 * 8 + MAX_EXPERTS * 4 + TOKENS * MAX_PROJECTIONS * MAX_EXPERTS * 4;
+
+    /// Dynamic shared memory of a launch: the staged s rows (tile plus halo) and the taps.
+    pub const fn dynamic_smem_bytes(taps: usize) -> usize {
+        ((TOKENS + taps - 1) * COLS + taps) * 4
+    }
 }
 
 /// Longest filter the bf16 kernels stage in their 48 KiB of shared memory.
 pub const MAX_TAPS: usize = 101;
+// Both kernels launch without the opt-in for more than 48 KiB of shared memory
+// (`CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES`): static plus dynamic shared memory must stay
+// within it up to MAX_TAPS taps.
+const _: () = assert!(shrink_cfg::STATIC_SMEM_BYTES + shrink_cfg::dynamic_smem_bytes(MAX_TAPS) <= 48 * 1024);
+const _: () = assert!(gate_cfg::STATIC_SMEM_BYTES + gate_cfg::dynamic_smem_bytes(MAX_TAPS) <= 48 * 1024);
+
 /// Largest LoRA rank of the bf16 path.
 pub const MAX_RANK: usize = 64;
 
@@ -471,7 +492,7 @@ impl LoraMoeLinear {
         let taps_i = kernel_int(OP, "taps", taps)?;
         let tokens_i = kernel_int(OP, "tokens", tokens)?;
         let k_pad_i = kernel_int(OP, "augmented K", self.k_pad)?;
-        let shrink_smem = (((sh::TOKENS + taps - 1) + sh::SLAB) * sh::STRIDE + taps) * 4;
+        let shrink_smem = shrink_cfg::dynamic_smem_bytes(taps);
         // The stream the shrink and gate kernels run on: the layer's, or (overlapped) the side
         // stream, which first waits for the work already queued on the layer's stream.
         let ks = match schedule {
@@ -552,7 +573,7 @@ impl LoraMoeLinear {
                 (Some(_), Some(l)) => (l, g_splits, self.router_rows, 0),
                 _ => (&ws.s, splits, self.mat_rows, count * width),
             };
-            let gate_smem = ((g::TOKENS + taps - 1) * g::COLS + taps) * 4;
+            let gate_smem = gate_cfg::dynamic_smem_bytes(taps);
             let cfg = launch_config(OP, (tiles(tokens, g::TOKENS), 1, batch), (g::THREADS, 1, 1), gate_smem as u32)?;
             let ints = [
                 kernel_int(OP, "splits", splits)?,
