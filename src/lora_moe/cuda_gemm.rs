@@ -1,10 +1,10 @@
-//! cuBLASLt bf16 GEMMs of the fused LoRA-MoE path: one handle per stream, and
-//! `y = a . w^T (+ bias) + beta * y` with the bias in the epilogue.
+//! cuBLASLt bf16 GEMMs of the fused LoRA-MoE path: one handle and one workspace per stream, and
+//! `y = a . w^T (+ bias) + beta * y` with the bias in the epilogue, through cuBLASLt's own
+//! descriptors (cudarc's `Matmul` cannot tell the heuristic the operands' alignment).
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex, OnceLock};
-
 use std::ffi::c_void;
+use std::sync::{Arc, Mutex, OnceLock};
 
 use cudarc::cublaslt::{result as lt, sys, CudaBlasLT, MatmulShared};
 use cudarc::driver::{CudaSlice, CudaStream, CudaView, CudaViewMut, DevicePtr, DevicePtrMut};
@@ -21,7 +21,7 @@ fn blas_err(context: impl Into<String>) -> impl FnOnce(cudarc::cublaslt::result:
     move |e| FapeError::Device { backend: "cuda", context, message: format!("cuBLASLt: {e:?}") }
 }
 
-/// The cuBLASLt handle (with its workspace) of `stream`, created on first use and kept for the
+/// The cuBLASLt handle of `stream` (the GEMMs use the workspace of [`workspace_for`]), created on first use and kept for the
 /// process: layers built per call (the candle op) then share one handle per stream. The cached
 /// handle holds its stream, so the key (the stream's address) is never reused by another one.
 ///
