@@ -169,11 +169,18 @@ impl CudaBenchProblem {
         Ok(Duration::from_secs_f64(f64::from(ms) * 1e-3))
     }
 
-    /// Runs `variant` once and reads `y` `[B*T, n]` back (synchronizing the stream).
+    /// Runs `variant` once and reads `y` `[B*T, n]` back (synchronizing the stream); `y` is
+    /// filled with NaN first when the device poisons its outputs.
     ///
     /// # Errors
     /// As [`Self::enqueue`]; the copy, or any failure on the stream.
     pub fn run_and_read(&mut self, variant: CudaVariant) -> Result<Vec<bf16>> {
+        if self.device.is_poisoned() {
+            // y is shared by the variants: without this, one that skips elements would read
+            // back the previous variant's values.
+            let nan = vec![bf16::NAN; self.y.len()];
+            self.device.stream().memcpy_htod(&nan, &mut self.y).map_err(dev_err("poisoning `y`"))?;
+        }
         self.enqueue(variant)?;
         let context = format!("copying `y` of `{}` back to the host", variant.name());
         let y = self.device.stream().clone_dtoh(&self.y).map_err(dev_err(context.as_str()))?;

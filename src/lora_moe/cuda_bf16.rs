@@ -38,6 +38,14 @@ mod shrink_cfg {
     pub const SPLIT_COLS: usize = 256;
     /// Padded shared row, floats.
     pub const STRIDE: usize = 68;
+    /// Static shared memory of the kernel (`red`: 8 warps x 3 doubles).
+    pub const STATIC_SMEM_BYTES: usize = 8 * 3 * 8;
+
+    /// Dynamic shared memory of a launch: the tile plus halo rows and the slab rows, padded to
+    /// STRIDE floats, then the taps.
+    pub const fn dynamic_smem_bytes(taps: usize) -> usize {
+        (((TOKENS + taps - 1) + SLAB) * STRIDE + taps) * 4
+    }
 }
 
 /// Mirrors `lora_moe_gate_cfg` in `kernels/lora_moe_bf16.cu`.
@@ -52,10 +60,23 @@ mod gate_cfg {
     pub const MAX_EXPERTS: usize = 16;
     /// Projections per group its shared gate array holds.
     pub const MAX_PROJECTIONS: usize = 4;
+    /// Static shared memory of the kernel (`red`, `prior`, `gate_s`).
+    pub const STATIC_SMEM_BYTES: usize = 8 * 3 * 8 + MAX_EXPERTS * 4 + TOKENS * MAX_PROJECTIONS * MAX_EXPERTS * 4;
+
+    /// Dynamic shared memory of a launch: the staged s rows (tile plus halo) and the taps.
+    pub const fn dynamic_smem_bytes(taps: usize) -> usize {
+        ((TOKENS + taps - 1) * COLS + taps) * 4
+    }
 }
 
 /// Longest filter the bf16 kernels stage in their 48 KiB of shared memory.
 pub const MAX_TAPS: usize = 101;
+// Both kernels launch without the opt-in for more than 48 KiB of shared memory
+// (`CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES`): static plus dynamic shared memory must stay
+// within it up to MAX_TAPS taps.
+const _: () = assert!(shrink_cfg::STATIC_SMEM_BYTES + shrink_cfg::dynamic_smem_bytes(MAX_TAPS) <= 48 * 1024);
+const _: () = assert!(gate_cfg::STATIC_SMEM_BYTES + gate_cfg::dynamic_smem_bytes(MAX_TAPS) <= 48 * 1024);
+
 /// Largest LoRA rank of the bf16 path.
 pub const MAX_RANK: usize = 64;
 
@@ -187,8 +208,9 @@ pub struct LoraMoeLinear {
     bands: CudaSlice<i32>,
     config: LoraMoeConfig,
     workspace: Mutex<Option<Workspace>>,
-    /// The second stream of [`Schedule::Overlapped`].
-    side: Arc<CudaStream>,
+    /// The second stream of [`Schedule::Overlapped`], created on its first use (the candle op
+    /// builds a layer per call and never needs it).
+    side: OnceLock<Arc<CudaStream>>,
 }
 
 impl LoraMoeLinear {
@@ -321,7 +343,7 @@ impl LoraMoeLinear {
             bands,
             config: config.clone(),
             workspace: Mutex::new(None),
-            side: stream.context().new_stream().map_err(dev_err("creating the side stream"))?,
+            side: OnceLock::new(),
         })
     }
 
@@ -470,15 +492,16 @@ impl LoraMoeLinear {
         let taps_i = kernel_int(OP, "taps", taps)?;
         let tokens_i = kernel_int(OP, "tokens", tokens)?;
         let k_pad_i = kernel_int(OP, "augmented K", self.k_pad)?;
-        let shrink_smem = (((sh::TOKENS + taps - 1) + sh::SLAB) * sh::STRIDE + taps) * 4;
+        let shrink_smem = shrink_cfg::dynamic_smem_bytes(taps);
         // The stream the shrink and gate kernels run on: the layer's, or (overlapped) the side
         // stream, which first waits for the work already queued on the layer's stream.
         let ks = match schedule {
             Schedule::OneGemm => stream,
             Schedule::Overlapped => {
+                let side = self.side_stream()?;
                 let queued = stream.record_event(None).map_err(dev_err("recording an event"))?;
-                self.side.wait(&queued).map_err(dev_err("ordering the side stream"))?;
-                &self.side
+                side.wait(&queued).map_err(dev_err("ordering the side stream"))?;
+                side
             }
         };
 
@@ -550,7 +573,7 @@ impl LoraMoeLinear {
                 (Some(_), Some(l)) => (l, g_splits, self.router_rows, 0),
                 _ => (&ws.s, splits, self.mat_rows, count * width),
             };
-            let gate_smem = ((g::TOKENS + taps - 1) * g::COLS + taps) * 4;
+            let gate_smem = gate_cfg::dynamic_smem_bytes(taps);
             let cfg = launch_config(OP, (tiles(tokens, g::TOKENS), 1, batch), (g::THREADS, 1, 1), gate_smem as u32)?;
             let ints = [
                 kernel_int(OP, "splits", splits)?,
@@ -634,14 +657,32 @@ impl LoraMoeLinear {
             // 3. y = x . W^T + bias (the first d columns of Wp), meanwhile the kernels above run
             // on the side stream; then y += u . B^T over the columns d.. of xa and Wp.
             Schedule::Overlapped => {
-                gemm_strided(&self.blas, (x, d), (&weight, k_pad), self.bias.as_ref(), y, (rows, n_total, d), 0.0)?;
-                let done = self.side.record_event(None).map_err(dev_err("recording an event"))?;
+                let base =
+                    gemm_strided(&self.blas, (x, d), (&weight, k_pad), self.bias.as_ref(), y, (rows, n_total, d), 0.0);
+                // Join the side stream even when the base GEMM failed, so that no later use or
+                // free of the workspace on the layer's stream races the side stream's kernels.
+                let done = ks.record_event(None).map_err(dev_err("recording an event"))?;
                 stream.wait(&done).map_err(dev_err("waiting for the side stream"))?;
+                base?;
                 let u = ws.xa.slice(d..rows * k_pad);
                 let lora = self.weight.slice(d..);
                 gemm_strided(&self.blas, (&u, k_pad), (&lora, k_pad), None, y, (rows, n_total, k_pad - d), 1.0)
             }
         }
+    }
+}
+
+impl LoraMoeLinear {
+    /// The side stream of [`Schedule::Overlapped`], created on first use.
+    ///
+    /// # Errors
+    /// [`FapeError::Device`] when the stream cannot be created.
+    fn side_stream(&self) -> Result<&Arc<CudaStream>> {
+        if let Some(side) = self.side.get() {
+            return Ok(side);
+        }
+        let side = self.device.stream().context().new_stream().map_err(dev_err("creating the side stream"))?;
+        Ok(self.side.get_or_init(|| side))
     }
 }
 
