@@ -4,7 +4,10 @@
 
 use half::bf16;
 
-use super::config::{LoraMoeConfig, LoraMoeDims, LoraMoeInputs, LoraMoeOutput, LoraMoeTensors};
+#[cfg(feature = "cuda")]
+use super::config::{LoraMoeConfig, LoraMoeDims};
+use super::config::{LoraMoeInputs, LoraMoeOutput, LoraMoeTensors};
+#[cfg(feature = "cuda")]
 use crate::error::Result;
 use crate::tensor::{Real, Tensor, View};
 

@@ -14,6 +14,7 @@ use half::bf16;
 /// The production shapes T x d x n (E = 2, r = 8, bf16).
 const SHAPES: &[(usize, usize, usize)] = &[(1024, 3072, 3072), (1536, 3072, 9216), (4096, 3072, 3072)];
 /// CUDA runs per timed sample (back to back, so host launch overhead overlaps device work).
+#[cfg(feature = "cuda")]
 const REPS: usize = 10;
 /// The host backends' shape (the f64 reference is slow).
 const SMALL: (usize, usize, usize) = (256, 512, 512);
@@ -64,6 +65,7 @@ pub fn run(args: Args) -> Result<()> {
         }
         None => BenchPlan::default(),
     };
+    #[cfg_attr(not(feature = "cuda"), allow(unused_variables))] // parsed (and checked) everywhere
     let shapes = if args.shapes.is_empty() {
         SHAPES.to_vec()
     } else {
