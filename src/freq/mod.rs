@@ -35,6 +35,7 @@ pub(crate) use check::check_rows;
 #[cfg(feature = "cuda")]
 pub use cuda::{CudaFftPath, CudaSplitBuffers, MAX_BANDS as CUDA_MAX_BANDS};
 pub use hints::{band_energies_grey, BT601_LUMA};
+pub use spectrum::{fft2_real, fftfreq, rho};
 
 /// The op's name in errors and in the check table.
 pub const OP: &str = "freq_split";

@@ -16,14 +16,32 @@ use crate::tensor::Real;
 
 /// `numpy.fft.fftfreq(n)[k]`, computed as numpy does: the signed index (`k` below `ceil(n/2)`,
 /// `k - n` from there) times `1/n`.
-pub(crate) fn fftfreq(n: usize, k: usize) -> f64 {
+pub fn fftfreq(n: usize, k: usize) -> f64 {
     let signed = if k < n.div_ceil(2) { k as f64 } else { k as f64 - n as f64 };
     signed * (1.0 / n as f64)
 }
 
 /// The normalised radius `sqrt(fy^2 + fx^2) / sqrt(0.5)`: 0 at DC, 1 at the Nyquist corner.
-pub(crate) fn rho(fy: f64, fx: f64) -> f64 {
+pub fn rho(fy: f64, fx: f64) -> f64 {
     (fy * fy + fx * fx).sqrt() / 0.5f64.sqrt()
+}
+
+/// The 2-D DFT (forward, unnormalised) of the real `height x width` row-major `plane`, as
+/// row-major complex bins: bin `(ky,kx)` at `ky * width + kx`.
+pub fn fft2_real(plane: &[f32], height: usize, width: usize) -> Vec<Complex<f32>> {
+    let mut planner = rustfft::FftPlanner::new();
+    let (rows, cols) = (planner.plan_fft_forward(width), planner.plan_fft_forward(height));
+    let mut bins: Vec<Complex<f32>> = plane.iter().map(|&v| Complex::new(v, 0.0)).collect();
+    for row in bins.chunks_exact_mut(width) {
+        rows.process(row);
+    }
+    let mut column = vec![Complex::new(0.0, 0.0); height];
+    for kx in 0..width {
+        column.iter_mut().enumerate().for_each(|(y, c)| *c = bins[y * width + kx]);
+        cols.process(&mut column);
+        column.iter().enumerate().for_each(|(y, &c)| bins[y * width + kx] = c);
+    }
+    bins
 }
 
 /// The mask's value at radius `rho`.

@@ -2,9 +2,6 @@
 //! images of [`freq::freq_split`] and the log-magnitude spectrum of the grey image with the
 //! cutoff drawn.
 
-use rustfft::num_complex::Complex;
-use rustfft::FftPlanner;
-
 use super::image::Image;
 use crate::backend::Device;
 use crate::error::Result;
@@ -28,12 +25,6 @@ pub struct SplitImages {
     pub spectrum: Image,
 }
 
-/// `numpy.fft.fftfreq(n)[k]`.
-fn fftfreq(n: usize, k: usize) -> f64 {
-    let signed = if k < n.div_ceil(2) { k as f64 } else { k as f64 - n as f64 };
-    signed / n as f64
-}
-
 /// The display images of `image` split under `config` on `device`.
 ///
 /// # Errors
@@ -51,29 +42,10 @@ pub fn split_images(device: &Device, image: &Image, config: &FreqSplitConfig) ->
 /// The spectrum image of [`SplitImages::spectrum`].
 fn spectrum_image(image: &Image, cutoff: f64) -> Image {
     let (w, h) = (image.width, image.height);
-    let mut bins: Vec<Complex<f32>> = image.to_grey().into_iter().map(|v| Complex::new(v, 0.0)).collect();
-    let mut planner = FftPlanner::new();
-    let rows = planner.plan_fft_forward(w);
-    for row in bins.chunks_exact_mut(w) {
-        rows.process(row);
-    }
-    let cols = planner.plan_fft_forward(h);
-    let mut column = vec![Complex::new(0.0, 0.0); h];
-    for x in 0..w {
-        for y in 0..h {
-            column[y] = bins[y * w + x];
-        }
-        cols.process(&mut column);
-        for y in 0..h {
-            bins[y * w + x] = column[y];
-        }
-    }
+    let bins = freq::fft2_real(&image.to_grey(), h, w);
     // Shifted position i holds bin (i - n/2) mod n.
     let unshift = |i: usize, n: usize| (i + n - n / 2) % n;
-    let rho = |sy: usize, sx: usize| {
-        let (fy, fx) = (fftfreq(h, unshift(sy, h)), fftfreq(w, unshift(sx, w)));
-        (fy * fy + fx * fx).sqrt() / 0.5f64.sqrt()
-    };
+    let rho = |sy: usize, sx: usize| freq::rho(freq::fftfreq(h, unshift(sy, h)), freq::fftfreq(w, unshift(sx, w)));
     let log_mag: Vec<f32> =
         (0..h * w).map(|i| (1.0 + bins[unshift(i / w, h) * w + unshift(i % w, w)].norm()).ln()).collect();
     let max = log_mag.iter().cloned().fold(f32::MIN_POSITIVE, f32::max);
