@@ -10,11 +10,11 @@ use std::sync::{Arc, Mutex};
 use candle_core::{DType, Device, Shape, Tensor};
 use candle_nn::var_builder::SimpleBackend;
 use candle_nn::{Init, VarBuilder};
+use fape_kernels::pipeline::weights;
 use fape_kernels::testing::{rng, uniform};
 
-/// Seeded random weights, each tensor drawn from a generator seeded by the seed and its name:
-/// GroupNorm scales near 1 and shifts near 0 (never exactly), Kaiming-uniform weights, uniform
-/// biases. Records every tensor it hands out.
+/// The pipeline's seeded synthetic weights ([`weights::synthetic_tensor`]: per name, scaled by
+/// role, never zero) that also record every tensor they hand out, for f64 re-computations.
 #[derive(Clone)]
 pub struct SeededWeights {
     seed: u64,
@@ -43,24 +43,9 @@ impl SeededWeights {
     }
 }
 
-fn name_hash(name: &str) -> u64 {
-    name.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3))
-}
-
 impl SimpleBackend for SeededWeights {
-    fn get(&self, s: Shape, name: &str, h: Init, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
-        let mut g = rng(self.seed ^ name_hash(name));
-        let n = s.elem_count();
-        let values = match h {
-            Init::Const(c) => uniform(&mut g, n, -0.2, 0.2).into_iter().map(|v| v + c as f32).collect(),
-            Init::Uniform { lo, up } => uniform(&mut g, n, lo as f32, up as f32),
-            Init::Kaiming { .. } | Init::Randn { .. } => {
-                let fan_in: usize = s.dims()[1..].iter().product();
-                let bound = (6.0 / fan_in as f32).sqrt();
-                uniform(&mut g, n, -bound, bound)
-            }
-        };
-        let t = Tensor::from_vec(values, s, dev)?.to_dtype(dtype)?;
+    fn get(&self, s: Shape, name: &str, _: Init, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
+        let t = weights::synthetic_tensor(self.seed, name, s.dims(), dtype, dev)?;
         self.made.lock().unwrap().insert(name.to_string(), t.clone());
         Ok(t)
     }
