@@ -95,6 +95,12 @@ fn libnvrtc() -> std::result::Result<(), String> {
     }
 }
 
+// Linked at build time (`candle-cuda`), cudarc 0.19.10 emits link flags for every library it
+// binds but cuFFT; freq_split's cuFFT route needs it, so it is linked here.
+#[cfg(not(feature = "cuda-dynamic-loading"))]
+#[link(name = "cufft")]
+extern "C" {}
+
 /// A CUDA math library some op paths load on first use.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum MathLibrary {
