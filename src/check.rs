@@ -111,10 +111,56 @@ pub enum CaseSet {
     Large,
 }
 
+/// The ops the check table covers, each with its cases in `<op>/check.rs`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CheckOp {
+    /// `lora_moe` and `token_lowpass`.
+    LoraMoe,
+    /// `freq_split` and the band energies.
+    FreqSplit,
+    /// `attention` (and its naive baseline on CUDA).
+    Attention,
+}
+
+impl CheckOp {
+    /// Every op, in table order.
+    pub const ALL: [CheckOp; 3] = [CheckOp::LoraMoe, CheckOp::FreqSplit, CheckOp::Attention];
+
+    /// The op's name on the command line: `lora-moe`, `freq-split`, `attention`.
+    pub fn name(self) -> &'static str {
+        match self {
+            CheckOp::LoraMoe => "lora-moe",
+            CheckOp::FreqSplit => "freq-split",
+            CheckOp::Attention => "attention",
+        }
+    }
+
+    fn rows(self, device: &Device, cases: CaseSet) -> Vec<CheckRow> {
+        match self {
+            CheckOp::LoraMoe => crate::lora_moe::check_rows(device, cases),
+            CheckOp::FreqSplit => crate::freq::check_rows(device, cases),
+            CheckOp::Attention => crate::attention::check_rows(device, cases),
+        }
+    }
+}
+
+impl std::str::FromStr for CheckOp {
+    type Err = String;
+
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        Self::ALL.into_iter().find(|op| op.name() == s).ok_or_else(|| {
+            let names: Vec<&str> = Self::ALL.iter().map(|op| op.name()).collect();
+            format!("unknown op `{s}` (expected one of {})", names.join(", "))
+        })
+    }
+}
+
 /// Runs every op's cases on `device` and returns the rows (it never panics on a failing case).
 pub fn run(device: &Device, cases: CaseSet) -> Vec<CheckRow> {
-    let mut rows = crate::lora_moe::check_rows(device, cases);
-    rows.extend(crate::freq::check_rows(device, cases));
-    rows.extend(crate::attention::check_rows(device, cases));
-    rows
+    run_ops(device, cases, &CheckOp::ALL)
+}
+
+/// Runs the cases of `ops` on `device`, in the order given.
+pub fn run_ops(device: &Device, cases: CaseSet, ops: &[CheckOp]) -> Vec<CheckRow> {
+    ops.iter().flat_map(|op| op.rows(device, cases)).collect()
 }

@@ -604,7 +604,7 @@ fn cuda_flash_bf16_matches_reference() {
 #[cfg(feature = "cuda")]
 #[test]
 fn cuda_flash_f16_matches_reference() {
-    cuda_flash_matches_reference::<half::f16>("cuda_flash_f16_matches_reference", attention::TOLERANCE_BF16);
+    cuda_flash_matches_reference::<half::f16>("cuda_flash_f16_matches_reference", attention::TOLERANCE_F16);
 }
 
 #[cfg(feature = "cuda")]

@@ -1,6 +1,8 @@
 //! Attention's rows of `fape check`: seeded random inputs at awkward shapes, with and without
-//! norms and RoPE, plus a case whose scores are ~1e4 (the softmax must stay stable); each in f32
-//! and in bf16 (the reference reads the same bf16 values the backend got).
+//! norms and RoPE, plus a case whose scores are ~1e4 (the softmax must stay stable); each in f32,
+//! bf16 and f16 (the reference reads the same 16-bit values the backend got). One shape has
+//! several K/V tiles of every tiled kernel (and a partial last one), so their double buffering
+//! runs. On CUDA each case also checks the naive cuBLAS baseline (`attention.naive`).
 //!
 //! The bf16 huge-score case has no RoPE: a bf16 backend rounds the rotated `q` and `k` to bf16
 //! before the product (as every bf16 attention does), which at scores of 1e4 moves them by
@@ -8,7 +10,7 @@
 
 use super::{
     attention_typed, reference, rope_tables, AttentionConfig, AttentionElement, AttentionInputs, OP, TOLERANCE_BF16,
-    TOLERANCE_F32,
+    TOLERANCE_F16, TOLERANCE_F32,
 };
 use crate::backend::Device;
 use crate::check::{CaseSet, CheckRow};
@@ -17,7 +19,8 @@ use crate::tensor::Tensor;
 use crate::testing::{rng, uniform};
 
 /// `[B,H,Lq,Lk,D]` of the default cases.
-const DEFAULT_SHAPES: [[usize; 5]; 3] = [[1, 1, 1, 1, 64], [2, 3, 37, 53, 64], [1, 2, 100, 77, 128]];
+const DEFAULT_SHAPES: [[usize; 5]; 4] =
+    [[1, 1, 1, 1, 64], [2, 3, 37, 53, 64], [1, 2, 100, 77, 128], [1, 2, 70, 333, 64]];
 
 /// `[B,H,Lq,Lk,D]` added by [`CaseSet::Large`]: FLUX-like token counts.
 const LARGE_SHAPES: [[usize; 5]; 2] = [[1, 24, 1536, 1536, 128], [1, 2, 4608, 4608, 128]];
@@ -39,13 +42,21 @@ struct Case {
     rope: bool,
     /// The factor on `q` and `k`, whose elements are otherwise in `[-1,1)`.
     magnitude: f32,
-    /// Run in bf16 (else f32).
-    bf16: bool,
+    /// The element type the case runs in.
+    dtype: Dtype,
+}
+
+/// The element types of the cases.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Dtype {
+    F32,
+    Bf16,
+    F16,
 }
 
 impl Case {
     fn plain(shape: [usize; 5], norms_and_rope: bool) -> Self {
-        Self { shape, norms: norms_and_rope, rope: norms_and_rope, magnitude: 1.0, bf16: false }
+        Self { shape, norms: norms_and_rope, rope: norms_and_rope, magnitude: 1.0, dtype: Dtype::F32 }
     }
 
     /// The shape column of the check table, such as `2x3x37x53x64 norm+rope`.
@@ -61,19 +72,19 @@ impl Case {
     }
 }
 
-/// The cases of `set`, in table order: the f32 cases, then the same in bf16.
+/// The cases of `set`, in table order: the f32 cases, then the same in bf16, then in f16.
 fn cases(set: CaseSet) -> Vec<Case> {
     let mut f32_cases: Vec<Case> =
         DEFAULT_SHAPES.iter().flat_map(|&shape| [Case::plain(shape, false), Case::plain(shape, true)]).collect();
     f32_cases.push(Case { rope: true, magnitude: HUGE, ..Case::plain(DEFAULT_SHAPES[1], false) });
-    let mut bf16_cases: Vec<Case> =
-        f32_cases.iter().map(|c| Case { bf16: true, rope: c.rope && c.magnitude == 1.0, ..*c }).collect();
+    let mut half_cases: Vec<Case> = f32_cases.iter().map(|c| Case { rope: c.rope && c.magnitude == 1.0, ..*c }).collect();
     if set == CaseSet::Large {
         f32_cases.extend(LARGE_SHAPES.iter().map(|&shape| Case::plain(shape, true)));
-        let large = LARGE_SHAPES.iter().flat_map(|&shape| [Case::plain(shape, false), Case::plain(shape, true)]);
-        bf16_cases.extend(large.map(|c| Case { bf16: true, ..c }));
+        half_cases.extend(LARGE_SHAPES.iter().flat_map(|&shape| [Case::plain(shape, false), Case::plain(shape, true)]));
     }
-    f32_cases.extend(bf16_cases);
+    for dtype in [Dtype::Bf16, Dtype::F16] {
+        f32_cases.extend(half_cases.iter().map(|c| Case { dtype, ..*c }));
+    }
     f32_cases
 }
 
@@ -130,34 +141,51 @@ impl<T> CaseData<T> {
     }
 }
 
-/// Runs every case of `cases` on `device` against [`reference::attention`]; one row per case.
+/// Runs every case of `cases` on `device` against [`reference::attention`]: one row per case,
+/// and on CUDA a second row of the naive baseline.
 pub(crate) fn check_rows(device: &Device, cases_set: CaseSet) -> Vec<CheckRow> {
-    cases(cases_set).iter().zip(SEED..).map(|(case, seed)| check_case(device, case, seed)).collect()
+    cases(cases_set).iter().zip(SEED..).flat_map(|(case, seed)| check_case(device, case, seed)).collect()
 }
 
-fn check_case(device: &Device, case: &Case, seed: u64) -> CheckRow {
-    if case.bf16 {
-        check_typed::<half::bf16>(device, case, seed, TOLERANCE_BF16)
-    } else {
-        check_typed::<f32>(device, case, seed, TOLERANCE_F32)
+fn check_case(device: &Device, case: &Case, seed: u64) -> Vec<CheckRow> {
+    match case.dtype {
+        Dtype::F32 => check_typed::<f32>(device, case, seed, TOLERANCE_F32),
+        Dtype::Bf16 => check_typed::<half::bf16>(device, case, seed, TOLERANCE_BF16),
+        Dtype::F16 => check_typed::<half::f16>(device, case, seed, TOLERANCE_F16),
     }
 }
 
-/// One row: the case's data rounded to `T`, run on `device`, against the reference on the same
-/// `T` values.
-fn check_typed<T: AttentionElement>(device: &Device, case: &Case, seed: u64, tolerance: f64) -> CheckRow {
-    let op = format!("{OP}.out");
+/// The case's rows: its data rounded to `T`, run on `device` (and through the naive baseline
+/// on CUDA), against the reference on the same `T` values.
+fn check_typed<T: AttentionElement>(device: &Device, case: &Case, seed: u64, tolerance: f64) -> Vec<CheckRow> {
     let config = AttentionConfig::default();
-    let run = || -> Result<(Tensor<T>, Tensor<f64>)> {
-        let data = CaseData::generate(case, seed)?.to::<T>();
-        let got = attention_typed(device, &data.inputs(), &config)?;
-        let expected = reference::attention(&data.inputs(), &config)?;
-        Ok((got, expected))
+    let errored = |op: &str, err| CheckRow::errored(op.to_string(), device, T::DTYPE, case.spelling(), err);
+    let out = format!("{OP}.out");
+    let data = match CaseData::generate(case, seed) {
+        Ok(data) => data.to::<T>(),
+        Err(err) => return vec![errored(&out, err)],
     };
-    match run() {
-        Ok((got, expected)) => CheckRow::compared(op, device, case.spelling(), &got.data, &expected.data, tolerance),
-        Err(err) => CheckRow::errored(op, device, T::DTYPE, case.spelling(), err),
+    let expected = match reference::attention(&data.inputs(), &config) {
+        Ok(expected) => expected,
+        Err(err) => return vec![errored(&out, err)],
+    };
+    let row = |op: &str, got: Result<Tensor<T>>| match got {
+        Ok(got) => CheckRow::compared(op.to_string(), device, case.spelling(), &got.data, &expected.data, tolerance),
+        Err(err) => errored(op, err),
+    };
+    let mut rows = vec![row(&out, attention_typed(device, &data.inputs(), &config))];
+    // The naive baseline materialises the scores as `T`: at scores of 1e4, bf16 keeps them to a
+    // spacing of 64, which reorders the softmax, so the huge case checks the flash kernel only.
+    #[cfg(feature = "cuda")]
+    if let (Device::Cuda(d), false) = (device, case.magnitude != 1.0 && case.dtype == Dtype::Bf16) {
+        let naive = || {
+            let mut run = super::CudaAttention::new(d, &data.inputs(), &config)?;
+            run.naive()?;
+            run.output()
+        };
+        rows.push(row(&format!("{OP}.naive"), naive()));
     }
+    rows
 }
 
 #[cfg(test)]
@@ -171,7 +199,7 @@ mod tests {
             let start = std::time::Instant::now();
             let rows = check_rows(&device, CaseSet::Default);
             eprintln!("attention check_rows(Default) on {device:?}: {:?}", start.elapsed());
-            assert_eq!(rows.len(), cases(CaseSet::Default).len());
+            assert_eq!(rows.len(), cases(CaseSet::Default).len(), "one row per case off CUDA");
             for row in &rows {
                 eprintln!("{row}");
                 assert!(matches!(row.outcome, Outcome::Compared { .. }), "{row}");

@@ -328,6 +328,34 @@ fn c_text(buffer: Vec<c_char>) -> String {
     String::from_utf8_lossy(&bytes).into_owned()
 }
 
+/// The environment variable naming a directory of kernel sources that replace the shipped
+/// `kernels/*.cu` of the same file name (the others stay as shipped): for iterating on a kernel
+/// without rebuilding the crate, and for the emulator's tests that plant bugs in copies.
+pub const KERNEL_DIR_ENV: &str = "FAPE_CUDA_KERNEL_DIR";
+
+/// The replacement source of `kernel_file` from [`KERNEL_DIR_ENV`], if there is one; read once
+/// per process.
+fn kernel_override(kernel_file: &str) -> Result<Option<Arc<str>>> {
+    static READ: OnceLock<Mutex<HashMap<String, Option<Arc<str>>>>> = OnceLock::new();
+    let Some(dir) = std::env::var_os(KERNEL_DIR_ENV) else {
+        return Ok(None);
+    };
+    let mut read = READ.get_or_init(Default::default).lock().unwrap_or_else(|p| p.into_inner());
+    if let Some(text) = read.get(kernel_file) {
+        return Ok(text.clone());
+    }
+    let path = std::path::Path::new(&dir).join(kernel_file);
+    let text = if path.exists() {
+        let text = std::fs::read_to_string(&path)
+            .map_err(|e| FapeError::File { path: path.display().to_string(), message: e.to_string() })?;
+        Some(Arc::from(text))
+    } else {
+        None
+    };
+    read.insert(kernel_file.to_string(), text.clone());
+    Ok(text)
+}
+
 /// Process-wide module cache: (context, SHA-256 of the source, arch) -> loaded module.
 /// The context is part of the key because a module belongs to the context it was loaded in;
 /// the cached module keeps that context alive, so the key is never reused by another one.
@@ -523,12 +551,16 @@ impl CudaDevice {
 
     /// The module compiled from `source` for this device's arch, compiling it with NVRTC and
     /// loading it on first use. Modules are cached for the process by (context, SHA-256 of
-    /// `source`, arch); `kernel_file` names the source in errors.
+    /// `source`, arch); `kernel_file` names the source in errors. When [`KERNEL_DIR_ENV`]
+    /// names a directory holding a file `kernel_file`, that file's text is compiled instead.
     ///
     /// # Errors
     /// [`FapeError::Nvrtc`] with the compiler log when NVRTC rejects the source;
-    /// [`FapeError::Device`] when the driver cannot load the PTX.
+    /// [`FapeError::Device`] when the driver cannot load the PTX; [`FapeError::File`] when the
+    /// replacement source cannot be read.
     pub fn module(&self, kernel_file: &str, source: &str) -> Result<Arc<CudaModule>> {
+        let replaced = kernel_override(kernel_file)?;
+        let source = replaced.as_deref().unwrap_or(source);
         let key: ModuleKey =
             (self.ctx.cu_ctx() as usize, Sha256::digest(source.as_bytes()).into(), self.arch.to_string());
         // Held across compilation so two threads never compile the same module twice. A

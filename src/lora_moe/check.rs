@@ -1,8 +1,8 @@
 //! `fape check` cases of the LoRA-MoE op and its token low-pass.
 
 use super::{
-    lora_moe, reference, token_lowpass, Band, LoraMoeConfig, LoraMoeDims, LoraMoeDtype, LoraMoeTensors, OP,
-    TOLERANCE_BF16, TOLERANCE_F32,
+    lora_moe, reference, token_lowpass, Band, LoraMoeConfig, LoraMoeDims, LoraMoeDtype, LoraMoeInputs, LoraMoeOutput,
+    LoraMoeTensors, OP, TOLERANCE_BF16, TOLERANCE_F32,
 };
 use crate::backend::Device;
 use crate::check::{CaseSet, CheckRow};
@@ -38,11 +38,24 @@ pub(crate) fn check_rows(device: &Device, cases: CaseSet) -> Vec<CheckRow> {
     let mut rows: Vec<CheckRow> = LOWPASS_CASES.iter().map(|&c| lowpass_row(device, c)).collect();
     let large = if cases == CaseSet::Large { LARGE_CASES } else { &[] };
     for (i, case) in CASES.iter().chain(large).enumerate() {
-        rows.extend(lora_moe_rows::<f32>(device, case, 100 + i as u64, TOLERANCE_F32));
-        rows.extend(lora_moe_rows::<half::bf16>(device, case, 100 + i as u64, TOLERANCE_BF16));
+        rows.extend(lora_moe_rows::<f32>(device, case, 100 + i as u64, TOLERANCE_F32, "", &lora_moe));
+        rows.extend(lora_moe_rows::<half::bf16>(device, case, 100 + i as u64, TOLERANCE_BF16, "", &lora_moe));
+        // On CUDA the fused bf16 layer's second schedule too ("2gemm": the base GEMM beside the
+        // shrink, then the small u B^T GEMM), as `fape bench` names it.
+        #[cfg(feature = "cuda")]
+        if let Device::Cuda(d) = device {
+            let overlapped = |_: &Device, inputs: &LoraMoeInputs<'_, half::bf16>, config: &LoraMoeConfig| {
+                let dims = inputs.validate(config)?;
+                super::cuda_bf16::lora_moe(d, inputs, dims, config, super::cuda_bf16::Schedule::Overlapped)
+            };
+            rows.extend(lora_moe_rows(device, case, 100 + i as u64, TOLERANCE_BF16, " 2gemm", &overlapped));
+        }
     }
     rows
 }
+
+/// A LoRA-MoE implementation under check: [`lora_moe`] or one CUDA schedule of it.
+type LoraMoeFn<'f, T> = dyn Fn(&Device, &LoraMoeInputs<'_, T>, &LoraMoeConfig) -> Result<LoraMoeOutput<T>> + 'f;
 
 fn lowpass_row(device: &Device, (batch, tokens, channels, taps): (usize, usize, usize, usize)) -> CheckRow {
     let shape_name = format!("{batch}x{tokens}x{channels} taps {taps}");
@@ -71,6 +84,8 @@ fn lora_moe_rows<T: LoraMoeDtype>(
     &(dims, top_k, bias): &Case,
     seed: u64,
     tolerance: f64,
+    variant: &str,
+    run_op: &LoraMoeFn<'_, T>,
 ) -> Vec<CheckRow> {
     let LoraMoeDims { batch, tokens, d, n, experts, rank, dg } = dims;
     let guided = if dg != d { " g" } else { "" };
@@ -82,12 +97,12 @@ fn lora_moe_rows<T: LoraMoeDtype>(
         LoraMoeConfig { bands: (0..experts).map(|e| bands[e % 3]).collect(), top_k, ..LoraMoeConfig::default() };
     let inputs = tensors.inputs();
     let run = || -> Result<Vec<CheckRow>> {
-        let got = lora_moe(device, &inputs, &config)?;
+        let got = run_op(device, &inputs, &config)?;
         let expected = reference::lora_moe(&inputs, &config)?;
         Ok(vec![
-            CheckRow::compared(format!("{OP}.y"), device, shape.clone(), &got.y.data, &expected.y.data, tolerance),
+            CheckRow::compared(format!("{OP}.y{variant}"), device, shape.clone(), &got.y.data, &expected.y.data, tolerance),
             CheckRow::compared(
-                format!("{OP}.gates"),
+                format!("{OP}.gates{variant}"),
                 device,
                 shape.clone(),
                 &got.gates.data,
@@ -96,5 +111,5 @@ fn lora_moe_rows<T: LoraMoeDtype>(
             ),
         ])
     };
-    run().unwrap_or_else(|e| vec![CheckRow::errored(OP.to_string(), device, T::DTYPE, shape.clone(), e)])
+    run().unwrap_or_else(|e| vec![CheckRow::errored(format!("{OP}{variant}"), device, T::DTYPE, shape.clone(), e)])
 }

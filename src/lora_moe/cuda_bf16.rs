@@ -751,7 +751,7 @@ fn launch_pack(
 }
 
 /// The LoRA-MoE layer in bf16 on the GPU from host tensors: uploads, packs one projection
-/// ([`LoraMoeLinear`]), runs [`LoraMoeLinear::forward`] and reads `y` and the gates back.
+/// ([`LoraMoeLinear`]), runs it in `schedule` and reads `y` and the gates back.
 ///
 /// # Errors
 /// (`dims` come from [`LoraMoeInputs::validate`].) [`FapeError::Shape`] when `d` or `dg` is not
@@ -761,6 +761,7 @@ pub(crate) fn lora_moe(
     inputs: &LoraMoeInputs<'_, bf16>,
     dims: LoraMoeDims,
     config: &LoraMoeConfig,
+    schedule: Schedule,
 ) -> Result<LoraMoeOutput<bf16>> {
     let LoraMoeDims { batch, tokens, d, n, experts, rank, dg } = dims;
     check_multiple_of_8("x", inputs.x.shape(), d)?;
@@ -798,7 +799,7 @@ pub(crate) fn lora_moe(
     let mut y = poison(rows * n)?;
     let mut gates = device.output("gates", rows * experts)?;
     let g_view = guidance.as_ref().map(|g| g.slice(..));
-    layer.forward(&x.slice(..), batch, tokens, g_view.as_ref(), &mut y.slice_mut(..), &mut gates.slice_mut(..))?;
+    layer.run(schedule, &x.slice(..), batch, tokens, g_view.as_ref(), &mut y.slice_mut(..), &mut gates.slice_mut(..))?;
     let context = "copying `y` back to the host (or an earlier kernel on the stream failed)";
     let y_host = stream.clone_dtoh(&y).map_err(dev_err(context))?;
     let gates_host = device.download("gates", &gates)?;

@@ -94,7 +94,7 @@ impl LoraMoeDtype for bf16 {
         dims: LoraMoeDims,
         config: &LoraMoeConfig,
     ) -> Result<LoraMoeOutput<Self>> {
-        super::cuda_bf16::lora_moe(device, inputs, dims, config)
+        super::cuda_bf16::lora_moe(device, inputs, dims, config, super::cuda_bf16::Schedule::OneGemm)
     }
 }
 

@@ -4,7 +4,7 @@ use std::process::ExitCode;
 
 use clap::Args;
 use fape_kernels::backend::{discover, BackendReport};
-use fape_kernels::check::{self, CaseSet, HEADER};
+use fape_kernels::check::{self, CaseSet, CheckOp, HEADER};
 use fape_kernels::{Device, DeviceKind, Result};
 
 #[derive(Args)]
@@ -15,6 +15,9 @@ pub struct CheckArgs {
     /// Also run the production shapes (meant for GPUs; minutes on a CPU).
     #[arg(long)]
     large: bool,
+    /// Ops to check (repeatable); default: every op.
+    #[arg(long = "op", value_name = "lora-moe|freq-split|attention")]
+    ops: Vec<CheckOp>,
 }
 
 /// Prints what discovery found.
@@ -37,6 +40,7 @@ pub fn devices() {
 /// A backend named with `--device` that is unavailable.
 pub fn run(args: CheckArgs) -> Result<ExitCode> {
     let cases = if args.large { CaseSet::Large } else { CaseSet::Default };
+    let ops = if args.ops.is_empty() { CheckOp::ALL.to_vec() } else { args.ops };
     let mut opened = Vec::new();
     if args.devices.is_empty() {
         for kind in DeviceKind::ALL.into_iter().filter(|k| *k != DeviceKind::Reference) {
@@ -53,7 +57,7 @@ pub fn run(args: CheckArgs) -> Result<ExitCode> {
     println!("{HEADER}");
     let (mut passed, mut failed, mut not_implemented) = (0usize, 0usize, 0usize);
     for device in opened {
-        for row in check::run(&device.poisoned(true), cases) {
+        for row in check::run_ops(&device.poisoned(true), cases, &ops) {
             println!("{row}");
             match (&row.outcome, row.failed()) {
                 (check::Outcome::NotImplemented(_), _) => not_implemented += 1,
