@@ -8,21 +8,31 @@
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::sync::OnceLock;
 
 use fape_kernels::testing::skip;
 
 const FAPE: &str = env!("CARGO_BIN_EXE_fape");
 const KERNELS: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/kernels");
 
-/// The emulator's library directory, built if needed; `None` (after a printed skip) without g++.
+/// The emulator's library directory, built once per process if needed; `None` (after a
+/// printed skip) when the build cannot run.
 fn emulator(test: &str) -> Option<PathBuf> {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let out = std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| root.join("target"), PathBuf::from).join("cuda-emu");
-    match Command::new("bash").arg(root.join("tools/cuda-emu/build.sh")).arg(&out).status() {
-        Ok(s) if s.success() => Some(out),
-        Ok(s) => panic!("{test}: tools/cuda-emu/build.sh failed ({s})"),
-        Err(e) => {
-            skip(test, &format!("cannot run tools/cuda-emu/build.sh: {e}"));
+    static BUILT: OnceLock<Result<PathBuf, String>> = OnceLock::new();
+    let built = BUILT.get_or_init(|| {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+        let out =
+            std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| root.join("target"), PathBuf::from).join("cuda-emu");
+        match Command::new("bash").arg(root.join("tools/cuda-emu/build.sh")).arg(&out).status() {
+            Ok(s) if s.success() => Ok(out),
+            Ok(s) => panic!("tools/cuda-emu/build.sh failed ({s})"),
+            Err(e) => Err(format!("cannot run tools/cuda-emu/build.sh: {e}")),
+        }
+    });
+    match built {
+        Ok(dir) => Some(dir.clone()),
+        Err(reason) => {
+            skip(test, reason);
             None
         }
     }

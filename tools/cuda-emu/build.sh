@@ -9,6 +9,9 @@ out="${1:-$here/../../target/cuda-emu}"
 mkdir -p "$out"
 out="$(cd "$out" && pwd)"
 cxx="${CXX:-g++}"
+# One build at a time per output directory (tests start several).
+exec 9>"$out/.lock"
+flock 9
 stamp="$( (cd "$here" && cat src/* include/* build.sh; "$cxx" --version) | sha256sum | cut -c1-32)"
 if [ -e "$out/libfape_cuda_emu.so" ] && [ "$(cat "$out/.stamp" 2>/dev/null)" = "$stamp" ]; then
   exit 0

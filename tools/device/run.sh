@@ -22,11 +22,20 @@ step() { # step NAME SECONDS COMMAND...
 }
 
 step devices 30 "$bin/fape" devices
+# The PTX-semantics tests (all of test-cuda_ptx) show the emulator's warp collectives agree with
+# the hardware; the others' CUDA tests are those named cuda_*.
+[ -x "$bin/test-cuda_ptx" ] && step test-cuda_ptx 60 "$bin/test-cuda_ptx" --test-threads 1
 for t in fape_kernels attention freq_split lora_moe backends; do
   [ -x "$bin/test-$t" ] && step "test-$t" 90 "$bin/test-$t" cuda --test-threads 1
 done
+step check 60 "$bin/fape" check --device cuda
+# The emulator's table (staged) against the GPU's: the same rows must pass on both.
+[ -f .device/emu-check.txt ] && step agree 10 python3 .device/agree.py .device/emu-check.txt "$out/check.txt"
 step check-large 150 "$bin/fape" check --device cuda --large
 step memcheck 120 compute-sanitizer --tool memcheck --error-exitcode 9 "$bin/fape" check --device cuda
+# The emulator's racecheck and synccheck have their GPU counterparts (small subsets: slow tools).
+step racecheck 90 compute-sanitizer --tool racecheck --error-exitcode 9 "$bin/fape" check --device cuda --op attention
+step synccheck 60 compute-sanitizer --tool synccheck --error-exitcode 9 "$bin/fape" check --device cuda --op lora-moe
 step bench-lora-moe 90 "$bin/fape" bench lora-moe --device cuda
 step bench-freq-split 60 "$bin/fape" bench freq-split --device cuda
 step bench-attention 60 "$bin/fape" bench attention --device cuda

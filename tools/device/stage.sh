@@ -6,7 +6,7 @@
 #
 # What it builds (dev profile: the host side is optimised at opt-level 1/2, the kernels are
 # NVRTC's): `fape` and the test binaries with CUDA device tests (lib, attention, freq_split,
-# lora_moe, backends), stripped, in .device/bins.tar.xz (the carry limit is 64 MiB). With
+# lora_moe, backends, cuda_ptx), stripped, in .device/bins.tar.xz (the carry limit is 64 MiB). With
 # FAPE_STAGE_CANDLE_CUDA=1 it also builds `fape` with `--features candle-cuda` (candle's CUDA
 # backend, for `fape bench e2e --device cuda`), which needs nvcc and the CUDA libraries at build
 # time: source ../shared/cuda/env.sh first, and put a libcufft.so on LIBRARY_PATH (env.sh has no
@@ -26,7 +26,7 @@ for line in sys.stdin:
     m = json.loads(line)
     if m.get("reason") == "compiler-artifact" and m.get("executable") and m["profile"]["test"]:
         name = m["target"]["name"]
-        if name in ("fape_kernels", "attention", "freq_split", "lora_moe", "backends"):
+        if name in ("fape_kernels", "attention", "freq_split", "lora_moe", "backends", "cuda_ptx"):
             print(name, m["executable"])' \
   | while read -r name exe; do cp "$exe" "$stage/bin/test-$name"; done
 
@@ -41,6 +41,9 @@ fi
 
 strip "$stage"/bin/*
 tar -C "$stage" -cJf "$stage/bins.tar.xz" bin && rm -rf "$stage/bin"
-cp tools/device/run.sh "$stage/run.sh"
+# The same check table on the CPU emulator (tools/cuda-emu), for run.sh to compare row by row
+# with the GPU's (tools/device/agree.py).
+(. tools/cuda-emu/env.sh && ./target/debug/fape check --device cuda) > "$stage/emu-check.txt" 2>&1 || true
+cp tools/device/run.sh tools/device/agree.py "$stage/"
 if [ $# -ge 1 ]; then cp "$1" "$stage/torch_peers.py"; fi
 du -sh "$stage"

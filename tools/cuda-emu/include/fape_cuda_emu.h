@@ -142,18 +142,19 @@ static void shfl_collective(const void* const* in, void* const* out, unsigned ma
         const int width = a.width;
         if (width <= 0 || width > 32 || (width & (width - 1)))
             fape_emu_trap("__shfl_*_sync: width is not a power of two in 1..32");
-        const int base = static_cast<int>(lane) & ~(width - 1);
-        const int pos = static_cast<int>(lane) - base;
-        int src = static_cast<int>(lane);
+        // PTX shfl.sync: b is taken mod 32; a lane reads its own value where the source lies
+        // past the end of its segment (idx, down, bfly) or before its start (up). A bfly source
+        // in an earlier segment is read, as PTX's `j <= maxLane` allows.
+        const int l = static_cast<int>(lane);
+        const int b = a.operand & 31;
+        const int base = l & ~(width - 1);
+        const int last = base + width - 1;
+        int src = l;
         switch (K) {
-        case Shfl::Idx: src = base + (a.operand & (width - 1)); break;
-        case Shfl::Up: src = pos - a.operand >= 0 ? static_cast<int>(lane) - a.operand : static_cast<int>(lane); break;
-        case Shfl::Down: src = pos + a.operand < width ? static_cast<int>(lane) + a.operand : static_cast<int>(lane); break;
-        case Shfl::Xor: {
-            const int x = static_cast<int>(lane) ^ a.operand;
-            src = x >= base + width || x < base ? static_cast<int>(lane) : x;
-            break;
-        }
+        case Shfl::Idx: src = base + (b & (width - 1)); break;
+        case Shfl::Up: src = l - b >= base ? l - b : l; break;
+        case Shfl::Down: src = l + b <= last ? l + b : l; break;
+        case Shfl::Xor: src = (l ^ b) <= last ? l ^ b : l; break;
         }
         if (!(mask & (1u << src))) fape_emu_trap("__shfl_*_sync reads a lane outside its mask");
         *static_cast<uint64_t*>(out[lane]) = static_cast<const ShflIn*>(in[src])->value;

@@ -334,8 +334,10 @@ std::string build_module(const Program& p, const Options& o, std::string* log)
 
     std::string out;
     const std::string pre = work + "/" + name + ".ii";
-    if (run(quote(cxx()) + " -E -x c++ -std=c++17 -nostdinc " + defines + " -I" + quote(work + "/include") + includes +
-                " " + quote(work + "/" + name) + " -o " + quote(pre),
+    // Run in the build directory with the program's own name, so that diagnostics and
+    // sanitizer reports name `attention.cu:508` as NVRTC would.
+    if (run("cd " + quote(work) + " && " + quote(cxx()) + " -E -x c++ -std=c++17 -nostdinc " + defines + " -Iinclude" +
+                includes + " " + quote(name) + " -o " + quote(pre),
             &out) != 0) {
         *log += out;
         return failed("fape-cuda-emu: preprocessing failed");

@@ -359,7 +359,9 @@ private:
         if (s_[k] == ':') k = close - 1;  // clobbers: nothing to emulate
         if (k != close - 1) fail(k, "cannot parse the asm statement");
 
-        std::string code = "{ ";
+        // `do { .. } while (0)` takes the statement's own `;`, so `if (c) asm(..); else ..` stays one
+        // if-else.
+        std::string code = "do { ";
         std::string writeback;
         for (size_t n = 0; n < ops.size(); ++n) {
             const Operand& op = ops[n];
@@ -388,7 +390,7 @@ private:
                 instr += c;
         }
         flush();
-        code += writeback + "}";
+        code += writeback + "} while (0)";
         out_ += code;
         out_ += newlines_of(s_, start, close);
         i_ = close;
