@@ -3,6 +3,8 @@
 //! `FAPE_CUDA_KERNEL_DIR`), and each bug is caught by the check itself or by the checker made
 //! for it. The shipped kernels pass the same runs, so every failure is the planted bug's.
 //!
+//! A last test runs the C++ test of the cuBLAS, cuBLASLt and cuFFT stand-ins.
+//!
 //! The test builds the emulator itself (tools/cuda-emu/build.sh into target/cuda-emu); it skips
 //! with a printed reason when there is no C++ compiler, and fails then under FAPE_NO_SKIP=1.
 
@@ -144,4 +146,27 @@ fn a_barrier_in_divergent_code_is_a_synccheck_error() {
         "    if ((threadIdx.x & 31) == 0) scratch[threadIdx.x >> 5] = x;\n    if (threadIdx.x < 16) __syncthreads();",
     );
     caught("a_barrier_in_divergent_code_is_a_synccheck_error", "attention", &dir, "", "synccheck");
+}
+
+#[test]
+fn the_math_library_stand_ins_match_naive_loops() {
+    // tools/cuda-emu/tests/mathlib_test.cpp: cuBLAS, cuBLASLt and cuFFT stand-ins against f64
+    // loops, their refusals, and their initcheck/memcheck reports; built here with g++.
+    let test = "the_math_library_stand_ins_match_naive_loops";
+    let emu = Path::new(env!("CARGO_MANIFEST_DIR")).join("tools/cuda-emu");
+    let exe = std::env::temp_dir().join(format!("fape-mathlib-test-{}", std::process::id()));
+    let mut build = Command::new(std::env::var("CXX").unwrap_or_else(|_| "g++".into()));
+    build.args(["-std=c++17", "-O2", "-Wall", "-Wextra", "-Werror", "-I"]).arg(emu.join("include"));
+    for src in ["src/memory.cpp", "src/cublas.cpp", "src/cublaslt.cpp", "src/cufft.cpp", "tests/mathlib_test.cpp"] {
+        build.arg(emu.join(src));
+    }
+    match build.arg("-o").arg(&exe).status() {
+        Ok(s) => assert!(s.success(), "{test}: building mathlib_test failed"),
+        Err(e) => return skip(test, &format!("no C++ compiler: {e}")),
+    }
+    let out = Command::new(&exe).env_remove("FAPE_CUDA_EMU_SANITIZER").output().expect("run mathlib_test");
+    let _ = std::fs::remove_file(&exe);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{test}: mathlib_test failed:\n{text}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(text.contains(" 0 failed"), "{test}: unexpected summary:\n{text}");
 }
