@@ -320,9 +320,23 @@ fn devices_lists_every_backend() {
 }
 
 #[test]
-fn check_passes_on_the_cpu_backend() {
-    let out = fape(&["check", "--device", "cpu"]);
+fn check_passes_on_the_cpu_backend_and_sums_up_each_backend() {
+    let out = fape(&["check", "--device", "reference", "--device", "cpu"]);
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{stdout}");
     assert!(stdout.contains("check: ") && stdout.contains(" 0 failed"), "{stdout}");
+    for backend in ["reference", "cpu"] {
+        let rows = stdout.lines().filter(|l| l.split_whitespace().nth(1) == Some(backend)).count();
+        let summary = format!("{backend}: ");
+        let line = stdout
+            .lines()
+            .find(|l| l.starts_with(&summary))
+            .unwrap_or_else(|| panic!("no `{summary}` line in:\n{stdout}"));
+        let numbers: Vec<usize> = line.split(|c: char| !c.is_ascii_digit()).filter_map(|n| n.parse().ok()).collect();
+        assert!(rows > 0, "no {backend} rows:\n{stdout}");
+        assert_eq!(numbers[..3], [rows, rows, 0], "`{line}`: rows run, passed, failed");
+        assert!(line.contains("rows run") && line.contains("passed") && line.contains("failed"), "{line}");
+    }
+    let last = stdout.lines().rev().take(3).collect::<Vec<_>>();
+    assert!(last.iter().any(|l| l.starts_with("cpu: ")), "the summary ends the output:\n{stdout}");
 }
