@@ -20,7 +20,7 @@ pub enum OpName {
     FreqSplit,
     /// Inputs q, k, v, q_norm?, k_norm?, rope_cos?, rope_sin?; output out.
     Attention,
-    /// LoRA-MoE's token-axis Gaussian low-pass alone: input x [B,T,C]; output low.
+    /// LoRA-MoE's token-axis Gaussian low-pass alone: input x (B,T,C); output low.
     TokenLowpass,
 }
 
@@ -94,7 +94,7 @@ pub struct OpArgs {
     /// lora-moe: router softmax temperature [default: 5.0].
     #[arg(long)]
     temperature: Option<f64>,
-    /// lora-moe: router weight against the band-energy prior, in [0,1] [default: 0.5].
+    /// lora-moe: router weight against the band-energy prior, from 0 to 1 [default: 0.5].
     #[arg(long)]
     lambda: Option<f64>,
     /// lora-moe: keep the k largest gates per token, 0 keeps all [default: 0].
@@ -109,7 +109,7 @@ pub struct OpArgs {
     /// freq-split: mask shape, hard or gaussian [default: hard].
     #[arg(long)]
     mask: Option<MaskKind>,
-    /// freq-split: band edges, comma-separated, increasing in [0,1] [default: 0,0.15,0.35,0.45,0.9,1].
+    /// freq-split: band edges, comma-separated, increasing from 0 to 1 [default: 0,0.15,0.35,0.45,0.9,1].
     #[arg(long, value_delimiter = ',')]
     edges: Option<Vec<f64>>,
 }
