@@ -19,7 +19,7 @@
 //! then: `cargo run --release --example validate_pytorch -- attention_bf16.safetensors [cpu|cube|cuda]`
 //! (default `cpu`). `fape op attention` does the same from the command line (see the README).
 
-use std::path::PathBuf;
+use std::path::Path;
 use std::process::ExitCode;
 
 use fape_kernels::attention::{self, AttentionConfig, AttentionElement, AttentionInputs};
@@ -69,7 +69,7 @@ fn validate<T: AttentionElement + Element>(file: &TensorFile, device: &Device) -
     Ok(ours.rel_l2 <= tolerance)
 }
 
-fn run(path: &PathBuf, kind: DeviceKind) -> Result<bool> {
+fn run(path: &Path, kind: DeviceKind) -> Result<bool> {
     let file = TensorFile::read(path)?;
     let (dtype, _) = file.common_dtype(attention::OP, &["q", "k", "v"])?;
     let device = Device::open(kind)?;
@@ -93,7 +93,7 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    match run(&PathBuf::from(path), kind) {
+    match run(Path::new(&path), kind) {
         Ok(true) => ExitCode::SUCCESS,
         Ok(false) => ExitCode::from(1),
         Err(err) => {
