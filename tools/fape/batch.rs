@@ -13,8 +13,14 @@ use indicatif::{ProgressBar, ProgressStyle};
 
 use crate::restore::{synthetic_note, PipelineArgs};
 
-/// The file extensions restored from a folder (compared case-insensitively).
-pub const IMAGE_EXTENSIONS: [&str; 5] = ["png", "jpg", "jpeg", "tif", "tiff"];
+/// The file extensions `fape restore` reads from a folder and writes (compared case-insensitively).
+const IMAGE_EXTENSIONS: [&str; 5] = ["png", "jpg", "jpeg", "tif", "tiff"];
+
+/// Whether `path` ends in one of [`IMAGE_EXTENSIONS`], in any case.
+pub fn has_image_extension(path: &Path) -> bool {
+    let extension = path.extension().and_then(|e| e.to_str()).map(str::to_ascii_lowercase);
+    extension.is_some_and(|e| IMAGE_EXTENSIONS.contains(&e.as_str()))
+}
 
 /// `--shard I/N`: file `k` of the sorted list belongs to shard `k mod N`; this process takes
 /// shard `I` (0-based, as SLURM array and Kubernetes indexed-job indices count).
@@ -69,8 +75,7 @@ pub fn images_in(dir: &Path) -> Result<Vec<PathBuf>> {
     for entry in entries {
         let path = entry.map_err(|e| file_error(dir, format!("cannot list folder: {e}")))?.path();
         let visible = path.file_name().and_then(|n| n.to_str()).is_some_and(|n| !n.starts_with('.'));
-        let extension = path.extension().and_then(|e| e.to_str()).map(str::to_ascii_lowercase);
-        if visible && path.is_file() && extension.is_some_and(|e| IMAGE_EXTENSIONS.contains(&e.as_str())) {
+        if visible && has_image_extension(&path) && path.is_file() {
             images.push(path);
         }
     }

@@ -180,8 +180,7 @@ pub fn run(args: RestoreArgs) -> Result<()> {
             message: format!("{shard} applies to a folder input, and {} is not a folder", args.input.display()),
         });
     }
-    let extension = args.output.extension().and_then(|e| e.to_str()).map(str::to_ascii_lowercase);
-    if !matches!(extension.as_deref(), Some("png" | "jpg" | "jpeg" | "tif" | "tiff")) {
+    if !batch::has_image_extension(&args.output) {
         return Err(FapeError::File {
             path: args.output.display().to_string(),
             message: "output must end in .png, .jpg, .jpeg, .tif or .tiff".into(),
