@@ -15,6 +15,9 @@ pub enum FapeError {
     /// A tensor handed over by a framework is strided where the op needs contiguous elements.
     #[error("{op}: tensor `{tensor}` of shape {shape:?} is not contiguous")]
     NotContiguous { op: &'static str, tensor: &'static str, shape: Vec<usize> },
+    /// A tensor's element type is not one the op takes, or differs from the op's other inputs.
+    #[error("{op}: tensor `{tensor}` is {dtype}, {message}")]
+    Dtype { op: &'static str, tensor: &'static str, dtype: &'static str, message: String },
     /// A config field is out of its domain.
     #[error("{op}: config `{field}` {message}")]
     Config { op: &'static str, field: &'static str, message: String },

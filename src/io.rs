@@ -1,37 +1,162 @@
 //! Reading op inputs from and writing op outputs to safetensors files (what `fape op` uses, so
-//! users can validate the kernels against tensors dumped from PyTorch or numpy).
+//! users can validate the kernels against tensors dumped from PyTorch or numpy). Tensors keep
+//! the dtype they are stored in (f32, bf16 or f16), so the ops can run in it.
 
 use std::collections::BTreeMap;
+use std::fmt;
 use std::path::Path;
 
-use safetensors::{Dtype, SafeTensors};
+use half::{bf16, f16};
+use safetensors::SafeTensors;
 
 use crate::error::{FapeError, Result};
-use crate::tensor::{Tensor, View};
+use crate::tensor::{Real, Tensor, View};
 
-/// The tensors of one safetensors file, converted to f32 (stored as f32, bf16 or f16).
+/// The element types a tensor file holds for the ops.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Dtype {
+    /// 32-bit IEEE float.
+    F32,
+    /// bfloat16 (8-bit exponent, 7-bit mantissa).
+    Bf16,
+    /// IEEE half precision.
+    F16,
+}
+
+impl Dtype {
+    /// The lower-case name (as [`Real::DTYPE`] spells it).
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::F32 => f32::DTYPE,
+            Self::Bf16 => bf16::DTYPE,
+            Self::F16 => f16::DTYPE,
+        }
+    }
+
+    fn safetensors(self) -> safetensors::Dtype {
+        match self {
+            Self::F32 => safetensors::Dtype::F32,
+            Self::Bf16 => safetensors::Dtype::BF16,
+            Self::F16 => safetensors::Dtype::F16,
+        }
+    }
+}
+
+impl fmt::Display for Dtype {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// One tensor of a file, in the dtype it is stored in.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Stored {
+    /// Stored as f32.
+    F32(Tensor<f32>),
+    /// Stored as bf16.
+    Bf16(Tensor<bf16>),
+    /// Stored as f16.
+    F16(Tensor<f16>),
+}
+
+impl Stored {
+    /// The stored dtype.
+    pub fn dtype(&self) -> Dtype {
+        match self {
+            Self::F32(_) => Dtype::F32,
+            Self::Bf16(_) => Dtype::Bf16,
+            Self::F16(_) => Dtype::F16,
+        }
+    }
+
+    /// The values widened to f32 (exact for every stored dtype).
+    pub fn to_f32(&self) -> Tensor<f32> {
+        match self {
+            Self::F32(t) => t.clone(),
+            Self::Bf16(t) => t.map(|v| v.to_f32()),
+            Self::F16(t) => t.map(|v| v.to_f32()),
+        }
+    }
+}
+
+mod sealed {
+    pub trait Sealed {}
+    impl Sealed for f32 {}
+    impl Sealed for half::bf16 {}
+    impl Sealed for half::f16 {}
+}
+
+/// An element type of tensor files: f32, bf16 or f16 (sealed).
+pub trait Element: Real + bytemuck::Pod + sealed::Sealed {
+    /// This type's [`Dtype`].
+    const STORED: Dtype;
+    /// The tensor when it is stored as this type.
+    fn stored(tensor: &Stored) -> Option<&Tensor<Self>>;
+}
+
+impl Element for f32 {
+    const STORED: Dtype = Dtype::F32;
+    fn stored(tensor: &Stored) -> Option<&Tensor<Self>> {
+        match tensor {
+            Stored::F32(t) => Some(t),
+            _ => None,
+        }
+    }
+}
+
+impl Element for bf16 {
+    const STORED: Dtype = Dtype::Bf16;
+    fn stored(tensor: &Stored) -> Option<&Tensor<Self>> {
+        match tensor {
+            Stored::Bf16(t) => Some(t),
+            _ => None,
+        }
+    }
+}
+
+impl Element for f16 {
+    const STORED: Dtype = Dtype::F16;
+    fn stored(tensor: &Stored) -> Option<&Tensor<Self>> {
+        match tensor {
+            Stored::F16(t) => Some(t),
+            _ => None,
+        }
+    }
+}
+
+/// The tensors of one safetensors file, each in its stored dtype (f32, bf16 or f16).
 #[derive(Debug, Clone)]
 pub struct TensorFile {
     path: String,
-    tensors: BTreeMap<String, Tensor<f32>>,
+    tensors: BTreeMap<String, Stored>,
 }
 
 fn file_error(path: &str, message: impl Into<String>) -> FapeError {
     FapeError::File { path: path.to_string(), message: message.into() }
 }
 
-fn to_f32(path: &str, name: &str, dtype: Dtype, bytes: &[u8]) -> Result<Vec<f32>> {
-    let chunks = |width: usize| bytes.chunks_exact(width);
-    match dtype {
-        Dtype::F32 => Ok(chunks(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect()),
-        Dtype::BF16 => Ok(chunks(2).map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32()).collect()),
-        Dtype::F16 => Ok(chunks(2).map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32()).collect()),
+/// The little-endian elements of `bytes`, `N` bytes each, decoded by `from`.
+fn decode<T, const N: usize>(bytes: &[u8], from: fn([u8; N]) -> T) -> Vec<T> {
+    let element = |chunk: &[u8]| {
+        let mut le = [0u8; N];
+        le.copy_from_slice(chunk);
+        from(le)
+    };
+    bytes.chunks_exact(N).map(element).collect()
+}
+
+fn parse(path: &str, name: &str, view: &safetensors::tensor::TensorView<'_>) -> Result<Stored> {
+    let (bytes, shape) = (view.data(), view.shape().to_vec());
+    match view.dtype() {
+        safetensors::Dtype::F32 => Tensor::new(decode(bytes, f32::from_le_bytes), shape).map(Stored::F32),
+        safetensors::Dtype::BF16 => Tensor::new(decode(bytes, bf16::from_le_bytes), shape).map(Stored::Bf16),
+        safetensors::Dtype::F16 => Tensor::new(decode(bytes, f16::from_le_bytes), shape).map(Stored::F16),
         other => Err(file_error(path, format!("tensor `{name}` has dtype {other:?}; only F32, BF16 and F16 are read"))),
     }
 }
 
 impl TensorFile {
-    /// Reads every tensor of the file at `path`.
+    /// Reads every tensor of the file at `path`, keeping its dtype.
     ///
     /// # Errors
     /// [`FapeError::File`] when the file cannot be read, is not valid safetensors (truncated,
@@ -43,45 +168,93 @@ impl TensorFile {
             .map_err(|e| file_error(&shown, format!("not a valid safetensors file: {e}")))?;
         let mut tensors = BTreeMap::new();
         for (name, view) in parsed.iter() {
-            let data = to_f32(&shown, name, view.dtype(), view.data())?;
-            tensors.insert(name.to_string(), Tensor::new(data, view.shape().to_vec())?);
+            tensors.insert(name.to_string(), parse(&shown, name, &view)?);
         }
         Ok(Self { path: shown, tensors })
     }
 
-    /// A view of tensor `name`, which `op` requires.
-    ///
-    /// # Errors
-    /// [`FapeError::File`] naming the missing tensor and the tensors the file has.
-    pub fn require(&self, op: &'static str, name: &'static str) -> Result<View<'_, f32>> {
-        self.optional(op, name)?.ok_or_else(|| {
-            let have: Vec<&str> = self.tensors.keys().map(String::as_str).collect();
-            file_error(&self.path, format!("{op} needs tensor `{name}`, which is missing (the file has {have:?})"))
-        })
+    /// The same tensors, every one widened to f32 (exact).
+    pub fn widened(&self) -> Self {
+        let tensors = self.tensors.iter().map(|(name, t)| (name.clone(), Stored::F32(t.to_f32()))).collect();
+        Self { path: self.path.clone(), tensors }
     }
 
-    /// A view of tensor `name` if the file has it.
+    /// Tensor `name` as stored, if the file has it.
+    pub fn get(&self, name: &str) -> Option<&Stored> {
+        self.tensors.get(name)
+    }
+
+    /// The dtype the tensors `names` (the inputs of `op`) share, with the name of the first of
+    /// them the file has. Names the file lacks are passed over.
     ///
     /// # Errors
-    /// None in practice: the stored shape always matches the data (kept fallible so a view is
-    /// built in one place).
-    pub fn optional(&self, op: &'static str, name: &'static str) -> Result<Option<View<'_, f32>>> {
-        self.tensors.get(name).map(|t| View::new(op, name, &t.data, &t.shape)).transpose()
+    /// [`FapeError::Dtype`] naming the first tensor whose dtype differs from the first one's;
+    /// [`FapeError::File`] as [`TensorFile::require`] (for `names[0]`) when the file has none
+    /// of them.
+    pub fn common_dtype(&self, op: &'static str, names: &[&'static str]) -> Result<(Dtype, &'static str)> {
+        let mut present = names.iter().filter_map(|&name| self.tensors.get(name).map(|t| (name, t.dtype())));
+        let Some((first, dtype)) = present.next() else {
+            return Err(self.missing(op, names.first().copied().unwrap_or("?")));
+        };
+        match present.find(|&(_, other)| other != dtype) {
+            Some((name, other)) => Err(FapeError::Dtype {
+                op,
+                tensor: name,
+                dtype: other.name(),
+                message: format!("but `{first}` is {dtype}: the inputs of one op must share a dtype"),
+            }),
+            None => Ok((dtype, first)),
+        }
+    }
+
+    fn missing(&self, op: &'static str, name: &str) -> FapeError {
+        let have: Vec<&str> = self.tensors.keys().map(String::as_str).collect();
+        file_error(&self.path, format!("{op} needs tensor `{name}`, which is missing (the file has {have:?})"))
+    }
+
+    /// A view of tensor `name`, which `op` requires, stored as `T`.
+    ///
+    /// # Errors
+    /// [`FapeError::File`] naming the missing tensor and the tensors the file has;
+    /// [`FapeError::Dtype`] when it is stored in another dtype than `T`.
+    pub fn require<T: Element>(&self, op: &'static str, name: &'static str) -> Result<View<'_, T>> {
+        self.optional(op, name)?.ok_or_else(|| self.missing(op, name))
+    }
+
+    /// A view of tensor `name` (an input of `op`) stored as `T`, if the file has it.
+    ///
+    /// # Errors
+    /// [`FapeError::Dtype`] when it is stored in another dtype than `T`.
+    pub fn optional<T: Element>(&self, op: &'static str, name: &'static str) -> Result<Option<View<'_, T>>> {
+        let Some(stored) = self.tensors.get(name) else {
+            return Ok(None);
+        };
+        let t = T::stored(stored).ok_or_else(|| FapeError::Dtype {
+            op,
+            tensor: name,
+            dtype: stored.dtype().name(),
+            message: format!("expected {}", T::STORED),
+        })?;
+        View::new(op, name, &t.data, &t.shape).map(Some)
     }
 }
 
-/// Writes `tensors` (name, tensor) as f32 to a safetensors file at `path`.
+/// Writes `tensors` (name, tensor) as `T` (f32, bf16 or f16) to a safetensors file at `path`.
 ///
 /// # Errors
 /// [`FapeError::File`] when the file cannot be written.
-pub fn write(path: &Path, tensors: &[(&str, &Tensor<f32>)]) -> Result<()> {
+pub fn write<T: Element>(path: &Path, tensors: &[(&str, &Tensor<T>)]) -> Result<()> {
     let shown = path.display().to_string();
     let views = tensors
         .iter()
         .map(|(name, t)| {
-            safetensors::tensor::TensorView::new(Dtype::F32, t.shape.clone(), bytemuck::cast_slice(&t.data))
-                .map(|v| (name.to_string(), v))
-                .map_err(|e| file_error(&shown, format!("tensor `{name}`: {e}")))
+            safetensors::tensor::TensorView::new(
+                T::STORED.safetensors(),
+                t.shape.clone(),
+                bytemuck::cast_slice(&t.data),
+            )
+            .map(|v| (name.to_string(), v))
+            .map_err(|e| file_error(&shown, format!("tensor `{name}`: {e}")))
         })
         .collect::<Result<Vec<_>>>()?;
     safetensors::serialize_to_file(views, None, path).map_err(|e| file_error(&shown, format!("cannot write: {e}")))

@@ -11,6 +11,9 @@ use fape_kernels::pipeline::flux::{
 use fape_kernels::pipeline::weights::{self, CheckedSafetensors, Recorder, TensorSpec};
 use fape_kernels::testing::{compare, rng, uniform};
 
+mod common;
+use common::numpy_available;
+
 /// Rel-L2 of the fused path against the reference path, both in f32.
 const PATHS_TOLERANCE_F32: f64 = 1e-5;
 /// Rel-L2 of the fused path against the reference path, both in bf16 (issue #6).
@@ -364,14 +367,6 @@ fn damaged_folders_are_reported_with_the_file() {
     let err = weights::load(&dir, "vae", DType::F32, &Device::Cpu).err().unwrap().to_string();
     assert!(err.contains("vae"), "{err}");
     std::fs::remove_dir_all(&dir).unwrap();
-}
-
-/// Whether `python3` can import numpy and safetensors (the cross-check's optional needs).
-fn numpy_available() -> bool {
-    std::process::Command::new("python3")
-        .args(["-c", "import numpy, safetensors.numpy"])
-        .output()
-        .is_ok_and(|o| o.status.success())
 }
 
 #[test]

@@ -1,8 +1,9 @@
 //! The restoration pipeline end to end on the CPU with the tiny preset: sizes in and out on both
-//! transformer paths, load errors, and the `fape restore` / `fape bench e2e` commands as a user
-//! meets them (bad input exits 2 with one line).
+//! transformer paths, load errors, and the `fape restore` (one image or a folder, sharded and
+//! resumed) / `fape bench e2e` commands as a user meets them (bad input exits 2 with one line).
 
 use std::path::{Path, PathBuf};
+use std::process::Output;
 
 use candle_core::{DType, Device};
 use fape_kernels::pipeline::flux::ExecPath;
@@ -248,4 +249,115 @@ fn cli_bench_e2e_prints_every_stage_for_both_paths() {
     }
     assert!(stdout.contains("peak memory"), "no peak memory line:\n{stdout}");
     assert!(stdout.contains("NOT a restoration"), "no synthetic note:\n{stdout}");
+}
+
+/// `fape restore DIR -o OUT ARGS..` with the tiny preset and synthetic weights on the CPU.
+fn restore_dir(dir: &Path, out: &Path, args: &[&str]) -> Output {
+    let mut all = vec!["restore", dir.to_str().unwrap(), "-o", out.to_str().unwrap()];
+    all.extend(["--synthetic", "3", "--preset", "tiny", "--device", "cpu"]);
+    all.extend(args);
+    fape(&all)
+}
+
+/// The file names a folder run restored, in order, from its `restored IN -> OUT (..)` lines.
+fn restored_names(out: &Output) -> Vec<String> {
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    stdout
+        .lines()
+        .filter_map(|l| l.strip_prefix("restored ")?.split(" -> ").next())
+        .map(|input| Path::new(input).file_name().unwrap().to_string_lossy().into_owned())
+        .collect()
+}
+
+/// The names in `dir`, sorted.
+fn listing(dir: &Path) -> Vec<String> {
+    let mut names: Vec<String> =
+        std::fs::read_dir(dir).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+    names.sort();
+    names
+}
+
+/// A folder of images in every format, written out of order, beside what must be passed over.
+fn image_folder(name: &str, images: &[&str]) -> PathBuf {
+    let dir = scratch(name);
+    std::fs::create_dir_all(dir.join("nested")).unwrap();
+    for (i, image) in images.iter().enumerate() {
+        write_scene(&dir.join(image), 17 + 3 * i, 21 - i);
+    }
+    write_scene(&dir.join("nested").join("inner.png"), 16, 16);
+    write_scene(&dir.join(".hidden.png"), 16, 16);
+    std::fs::write(dir.join("notes.txt"), "not an image").unwrap();
+    dir
+}
+
+#[test]
+fn cli_restore_dir_shards_the_sorted_list_disjointly_and_a_rerun_resumes() {
+    let sorted = ["a.png", "b.tif", "c.png", "d.jpg", "e.png"];
+    let dir = image_folder("batch-in", &["c.png", "e.png", "a.png", "d.jpg", "b.tif"]);
+    let out = scratch("batch-out");
+    let mut shards = Vec::new();
+    for shard in ["0/2", "1/2", "5/6"] {
+        let run = restore_dir(&dir, &out, &["--shard", shard]);
+        assert_eq!(run.status.code(), Some(0), "shard {shard}: {}", String::from_utf8_lossy(&run.stderr));
+        shards.push(restored_names(&run));
+    }
+    assert_eq!(
+        shards,
+        [vec!["a.png", "c.png", "e.png"], vec!["b.tif", "d.jpg"], vec![]],
+        "file k goes to shard k mod N"
+    );
+    let mut union: Vec<&String> = shards.iter().flatten().collect();
+    union.sort();
+    assert_eq!(union, sorted, "the shards cover the sorted list, each file once");
+    assert_eq!(listing(&out), sorted, "one output per image, nothing else (no partial files)");
+    for name in sorted {
+        let (input, output) = (image::open(dir.join(name)).unwrap(), image::open(out.join(name)).unwrap());
+        assert_eq!((output.width(), output.height()), (input.width(), input.height()), "{name}");
+    }
+
+    // An existing output is skipped (left as it is); a missing one is restored.
+    std::fs::write(out.join("c.png"), "left alone").unwrap();
+    std::fs::remove_file(out.join("d.jpg")).unwrap();
+    let rerun = restore_dir(&dir, &out, &[]);
+    assert_eq!(rerun.status.code(), Some(0), "{}", String::from_utf8_lossy(&rerun.stderr));
+    assert_eq!(restored_names(&rerun), ["d.jpg"]);
+    assert!(String::from_utf8_lossy(&rerun.stdout).contains("done: 1 restored, 4 skipped"), "{rerun:?}");
+    assert_eq!(std::fs::read(out.join("c.png")).unwrap(), b"left alone");
+    assert_eq!(listing(&out), sorted);
+}
+
+#[test]
+fn cli_restore_dir_reports_a_bad_image_restores_the_rest_and_retries_it() {
+    let dir = image_folder("batch-bad-in", &["a.png", "c.png"]);
+    std::fs::write(dir.join("b.png"), "text, not a PNG").unwrap();
+    let out = scratch("batch-bad-out");
+    for _ in 0..2 {
+        let run = restore_dir(&dir, &out, &[]);
+        let stderr = String::from_utf8_lossy(&run.stderr);
+        assert_eq!(run.status.code(), Some(2), "{stderr}");
+        let errors: Vec<&str> = stderr.lines().filter(|l| l.starts_with("error: ")).collect();
+        assert_eq!(errors.len(), 2, "the image's line, then the summary: {stderr}");
+        assert!(errors[0].contains("b.png") && errors[1].contains("1 of"), "{stderr}");
+        assert_eq!(listing(&out), ["a.png", "c.png"]);
+    }
+}
+
+#[test]
+fn cli_restore_dir_bad_shards_and_folders_exit_2_with_one_line() {
+    let dir = image_folder("batch-flags-in", &["a.png"]);
+    let out = scratch("batch-flags-out");
+    for bad in ["2/2", "0/0", "x/2", "1", "1/2/3", "", "-1/2", "1/-2", "0.5/2"] {
+        let shard = format!("--shard={bad}");
+        assert_bad_input(&restore_dir(&dir, &out, &[&shard]), &["--shard", &format!("`{bad}`")]);
+    }
+    let single = dir.join("a.png");
+    assert_bad_input(&restore_dir(&single, &scratch("single.png"), &["--shard", "0/2"]), &["shard", "not a folder"]);
+    assert_bad_input(&restore_dir(&dir, &dir, &[]), &["input folder"]);
+    let empty = scratch("batch-empty");
+    std::fs::create_dir_all(&empty).unwrap();
+    assert_bad_input(&restore_dir(&empty, &out, &[]), &["batch-empty", "no images"]);
+    let file = scratch("batch-out-is-a-file");
+    std::fs::write(&file, "a file").unwrap();
+    assert_bad_input(&restore_dir(&dir, &file, &[]), &["batch-out-is-a-file"]);
+    assert!(!out.exists(), "no output folder for rejected runs");
 }

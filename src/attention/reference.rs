@@ -1,6 +1,6 @@
 //! The exact f64 reference of attention: the op contract in straightforward loops.
 //!
-//! [`prepare_rows`] (RMSNorm then RoPE, in f64) is shared with the CPU backend, which stores
+//! `prepare_rows` (RMSNorm then RoPE, in f64) is shared with the CPU backend, which stores
 //! its result in f32.
 
 use rayon::prelude::*;

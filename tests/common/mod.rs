@@ -1,5 +1,5 @@
 //! Helpers shared by the integration tests: the `fape` binary's CLI rules ([`cli`]), seeded
-//! random weights for any candle model, and tensor conversions.
+//! random weights for any candle model, tensor conversions, and whether python3 has numpy.
 #![allow(dead_code)] // each test crate uses a part
 
 pub mod cli;
@@ -57,6 +57,14 @@ impl SimpleBackend for SeededWeights {
     fn contains_tensor(&self, _: &str) -> bool {
         true
     }
+}
+
+/// Whether `python3` can import numpy and safetensors (the numpy cross-checks' optional needs).
+pub fn numpy_available() -> bool {
+    std::process::Command::new("python3")
+        .args(["-c", "import numpy, safetensors.numpy"])
+        .output()
+        .is_ok_and(|o| o.status.success())
 }
 
 /// The values of `t` (any device, any float dtype) as f64.

@@ -4,7 +4,7 @@ use std::process::ExitCode;
 
 use clap::Args;
 use fape_kernels::backend::{discover, BackendReport};
-use fape_kernels::check::{self, CaseSet, CheckOp, HEADER};
+use fape_kernels::check::{self, CaseSet, CheckOp, CheckRow, Outcome, HEADER};
 use fape_kernels::{Device, DeviceKind, Result};
 
 #[derive(Args)]
@@ -55,20 +55,60 @@ pub fn run(args: CheckArgs) -> Result<ExitCode> {
         }
     }
     println!("{HEADER}");
-    let (mut passed, mut failed, mut not_implemented) = (0usize, 0usize, 0usize);
+    let mut tallies = Vec::new();
     for device in opened {
+        let (kind, mut tally) = (device.kind(), Tally::default());
         for row in check::run_ops(&device.poisoned(true), cases, &ops) {
             println!("{row}");
-            match (&row.outcome, row.failed()) {
-                (check::Outcome::NotImplemented(_), _) => not_implemented += 1,
-                (_, true) => failed += 1,
-                (_, false) => passed += 1,
-            }
+            tally.add(&row);
+        }
+        tallies.push((kind, tally));
+    }
+    let mut total = Tally::default();
+    for (kind, tally) in &tallies {
+        println!("{:<10} {tally}", format!("{kind}:"));
+        total.merge(tally);
+    }
+    println!("check: {} passed, {} failed", total.passed, total.failed);
+    if total.not_implemented > 0 {
+        println!("({} op/backend pairs have no kernel yet; see the n/a rows)", total.not_implemented);
+    }
+    Ok(if total.failed == 0 { ExitCode::SUCCESS } else { ExitCode::from(1) })
+}
+
+/// The rows of one backend (or of all): run, passed, failed, no kernel yet.
+#[derive(Debug, Default)]
+struct Tally {
+    run: usize,
+    passed: usize,
+    failed: usize,
+    not_implemented: usize,
+}
+
+impl Tally {
+    fn add(&mut self, row: &CheckRow) {
+        self.run += 1;
+        match (&row.outcome, row.failed()) {
+            (Outcome::NotImplemented(_), _) => self.not_implemented += 1,
+            (_, true) => self.failed += 1,
+            (_, false) => self.passed += 1,
         }
     }
-    println!("check: {passed} passed, {failed} failed");
-    if not_implemented > 0 {
-        println!("({not_implemented} op/backend pairs have no kernel yet; see the n/a rows)");
+
+    fn merge(&mut self, other: &Tally) {
+        self.run += other.run;
+        self.passed += other.passed;
+        self.failed += other.failed;
+        self.not_implemented += other.not_implemented;
     }
-    Ok(if failed == 0 { ExitCode::SUCCESS } else { ExitCode::from(1) })
+}
+
+impl std::fmt::Display for Tally {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} rows run, {} passed, {} failed", self.run, self.passed, self.failed)?;
+        if self.not_implemented > 0 {
+            write!(f, ", {} n/a", self.not_implemented)?;
+        }
+        Ok(())
+    }
 }

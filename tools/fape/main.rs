@@ -4,6 +4,7 @@
 //! Exit codes: 0 success, 1 a check failed, 2 bad input or an unavailable backend (one line on
 //! stderr naming the tensor, flag or file at fault).
 
+mod batch;
 mod bench;
 mod check;
 mod op;
@@ -36,7 +37,7 @@ enum Command {
     Check(check::CheckArgs),
     /// Time an op (or the whole pipeline) beside its baseline from the same run.
     Bench(bench::BenchArgs),
-    /// Restore an image: planner, VAE encode, one transformer step, VAE decode.
+    /// Restore an image or a folder: planner, VAE encode, one transformer step, VAE decode.
     Restore(restore::RestoreArgs),
     /// Write synthetic executor weights (`fape weights synth --preset P --out DIR`).
     Weights(weights::WeightsArgs),

@@ -1,13 +1,15 @@
-//! `fape op`: one op on the tensors of a safetensors file, outputs written to another.
+//! `fape op`: one op on the tensors of a safetensors file, outputs written to another, in the
+//! dtype the inputs are stored in where the op has it.
 
 use std::path::PathBuf;
 
 use clap::{Args, ValueEnum};
-use fape_kernels::attention::{self, AttentionConfig, AttentionInputs};
+use fape_kernels::attention::{self, AttentionConfig, AttentionElement, AttentionInputs};
 use fape_kernels::freq::{self, FreqSplitConfig, MaskKind};
-use fape_kernels::io::{self, TensorFile};
-use fape_kernels::lora_moe::{self, Band, LoraMoeConfig, LoraMoeInputs};
-use fape_kernels::{Device, DeviceKind, FapeError, Result};
+use fape_kernels::io::{self, Dtype, Element, TensorFile};
+use fape_kernels::lora_moe::{self, Band, LoraMoeConfig, LoraMoeDtype, LoraMoeInputs};
+use fape_kernels::{Device, DeviceKind, FapeError, Result, Tensor};
+use half::{bf16, f16};
 
 /// The ops `fape op` runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -18,20 +20,65 @@ pub enum OpName {
     FreqSplit,
     /// Inputs q, k, v, q_norm?, k_norm?, rope_cos?, rope_sin?; output out.
     Attention,
-    /// LoRA-MoE's token-axis Gaussian low-pass alone: input x [B,T,C]; output low.
+    /// LoRA-MoE's token-axis Gaussian low-pass alone: input x (B,T,C); output low.
     TokenLowpass,
+}
+
+impl OpName {
+    /// The op's name in errors (as the library spells it).
+    fn name(self) -> &'static str {
+        match self {
+            Self::LoraMoe => lora_moe::OP,
+            Self::FreqSplit => freq::OP,
+            Self::Attention => attention::OP,
+            Self::TokenLowpass => "token_lowpass",
+        }
+    }
+
+    /// The input tensors, required ones first.
+    fn inputs(self) -> &'static [&'static str] {
+        match self {
+            Self::LoraMoe => &["x", "weight", "lora_a", "lora_b", "router", "bias", "guidance"],
+            Self::FreqSplit | Self::TokenLowpass => &["x"],
+            Self::Attention => &["q", "k", "v", "q_norm", "k_norm", "rope_cos", "rope_sin"],
+        }
+    }
+
+    /// The dtypes the op runs in (on every backend; the host backends and Cube widen 16-bit
+    /// inputs to f32 inside, see the README). [`run`] dispatches exactly these.
+    fn dtypes(self) -> &'static [Dtype] {
+        match self {
+            Self::LoraMoe => &[Dtype::F32, Dtype::Bf16],
+            Self::FreqSplit | Self::TokenLowpass => &[Dtype::F32],
+            Self::Attention => &[Dtype::F32, Dtype::Bf16, Dtype::F16],
+        }
+    }
+}
+
+/// The one dtype `--compute-dtype` and `--output-dtype` take (widening to it is exact).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum WideDtype {
+    /// 32-bit float.
+    F32,
 }
 
 #[derive(Args)]
 pub struct OpArgs {
     /// The op to run.
     op: OpName,
-    /// Safetensors file holding the inputs by name (f32, bf16 or f16).
+    /// Safetensors file holding the inputs by name (f32, bf16 or f16; one dtype for all inputs).
     #[arg(long)]
     input: PathBuf,
-    /// Safetensors file to write the outputs to (f32).
+    /// Safetensors file to write the outputs to (in the dtype the op ran in).
     #[arg(long)]
     output: PathBuf,
+    /// Widen the inputs to f32 and run the op in f32 (for ops without a 16-bit path, or to
+    /// compare with it) [default: the inputs' dtype].
+    #[arg(long, value_enum, value_name = "f32")]
+    compute_dtype: Option<WideDtype>,
+    /// Write the outputs as f32 [default: the dtype the op ran in].
+    #[arg(long, value_enum, value_name = "f32")]
+    output_dtype: Option<WideDtype>,
     /// Backend to run on.
     #[arg(long, default_value = "cpu", value_name = "reference|cpu|cube|cuda")]
     device: DeviceKind,
@@ -47,7 +94,7 @@ pub struct OpArgs {
     /// lora-moe: router softmax temperature [default: 5.0].
     #[arg(long)]
     temperature: Option<f64>,
-    /// lora-moe: router weight against the band-energy prior, in [0,1] [default: 0.5].
+    /// lora-moe: router weight against the band-energy prior, from 0 to 1 [default: 0.5].
     #[arg(long)]
     lambda: Option<f64>,
     /// lora-moe: keep the k largest gates per token, 0 keeps all [default: 0].
@@ -62,7 +109,7 @@ pub struct OpArgs {
     /// freq-split: mask shape, hard or gaussian [default: hard].
     #[arg(long)]
     mask: Option<MaskKind>,
-    /// freq-split: band edges, comma-separated, increasing in [0,1] [default: 0,0.15,0.35,0.45,0.9,1].
+    /// freq-split: band edges, comma-separated, increasing from 0 to 1 [default: 0,0.15,0.35,0.45,0.9,1].
     #[arg(long, value_delimiter = ',')]
     edges: Option<Vec<f64>>,
 }
@@ -116,51 +163,86 @@ impl OpArgs {
     }
 }
 
-/// Reads the inputs, runs the op, writes the outputs.
+/// Reads the inputs, runs the op in their dtype (or f32 with `--compute-dtype f32`), writes the
+/// outputs in that dtype (or f32 with `--output-dtype f32`).
 ///
 /// # Errors
-/// Bad flags, unreadable files, missing or mis-shaped tensors, an unavailable backend.
+/// Bad flags, unreadable files, missing or mis-shaped tensors, inputs of mixed dtypes or of a
+/// dtype the op does not run in, an unavailable backend.
 pub fn run(args: OpArgs) -> Result<()> {
     args.reject_foreign_flags()?;
-    let file = TensorFile::read(&args.input)?;
+    let stored = TensorFile::read(&args.input)?;
+    let file = if args.compute_dtype.is_some() { stored.widened() } else { stored };
+    let op = args.op.name();
+    let (dtype, first) = file.common_dtype(op, args.op.inputs())?;
     let device = Device::open(args.device)?;
-    match args.op {
-        OpName::LoraMoe => {
-            let op = lora_moe::OP;
-            let inputs = LoraMoeInputs {
-                x: file.require(op, "x")?,
-                weight: file.require(op, "weight")?,
-                bias: file.optional(op, "bias")?,
-                lora_a: file.require(op, "lora_a")?,
-                lora_b: file.require(op, "lora_b")?,
-                router: file.require(op, "router")?,
-                guidance: file.optional(op, "guidance")?,
-            };
-            let out = lora_moe::lora_moe(&device, &inputs, &args.lora_moe_config())?;
-            io::write(&args.output, &[("y", &out.y), ("gates", &out.gates)])
+    match (args.op, dtype) {
+        (OpName::LoraMoe, Dtype::F32) => args.lora_moe::<f32>(&file, &device),
+        (OpName::LoraMoe, Dtype::Bf16) => args.lora_moe::<bf16>(&file, &device),
+        (OpName::Attention, Dtype::F32) => args.attention::<f32>(&file, &device),
+        (OpName::Attention, Dtype::Bf16) => args.attention::<bf16>(&file, &device),
+        (OpName::Attention, Dtype::F16) => args.attention::<f16>(&file, &device),
+        (OpName::FreqSplit, Dtype::F32) => {
+            let out = freq::freq_split(&device, file.require(op, "x")?, &args.freq_config())?;
+            args.write(&[("low", &out.low), ("high", &out.high), ("band_energy", &out.band_energy)])
         }
-        OpName::FreqSplit => {
-            let x = file.require(freq::OP, "x")?;
-            let out = freq::freq_split(&device, x, &args.freq_config())?;
-            io::write(&args.output, &[("low", &out.low), ("high", &out.high), ("band_energy", &out.band_energy)])
-        }
-        OpName::Attention => {
-            let op = attention::OP;
-            let inputs = AttentionInputs {
-                q_norm: file.optional(op, "q_norm")?,
-                k_norm: file.optional(op, "k_norm")?,
-                rope_cos: file.optional(op, "rope_cos")?,
-                rope_sin: file.optional(op, "rope_sin")?,
-                ..AttentionInputs::new(file.require(op, "q")?, file.require(op, "k")?, file.require(op, "v")?)
-            };
-            let out = attention::attention(&device, &inputs, &AttentionConfig { scale: args.scale })?;
-            io::write(&args.output, &[("out", &out)])
-        }
-        OpName::TokenLowpass => {
+        (OpName::TokenLowpass, Dtype::F32) => {
             let d = LoraMoeConfig::default();
-            let x = file.require("token_lowpass", "x")?;
-            let low = lora_moe::token_lowpass(&device, x, args.taps.unwrap_or(d.taps), args.sigma.unwrap_or(d.sigma))?;
-            io::write(&args.output, &[("low", &low)])
+            let (taps, sigma) = (args.taps.unwrap_or(d.taps), args.sigma.unwrap_or(d.sigma));
+            let low = lora_moe::token_lowpass(&device, file.require(op, "x")?, taps, sigma)?;
+            args.write(&[("low", &low)])
+        }
+        (name, dtype) => {
+            let runs: Vec<&str> = name.dtypes().iter().map(|d| d.name()).collect();
+            Err(FapeError::Dtype {
+                op,
+                tensor: first,
+                dtype: dtype.name(),
+                message: format!("but {op} runs in {} only (--compute-dtype f32 widens the inputs)", runs.join(", ")),
+            })
+        }
+    }
+}
+
+impl OpArgs {
+    fn lora_moe<T: LoraMoeDtype + Element>(&self, file: &TensorFile, device: &Device) -> Result<()> {
+        let op = lora_moe::OP;
+        let inputs = LoraMoeInputs::<T> {
+            x: file.require(op, "x")?,
+            weight: file.require(op, "weight")?,
+            bias: file.optional(op, "bias")?,
+            lora_a: file.require(op, "lora_a")?,
+            lora_b: file.require(op, "lora_b")?,
+            router: file.require(op, "router")?,
+            guidance: file.optional(op, "guidance")?,
+        };
+        let out = lora_moe::lora_moe(device, &inputs, &self.lora_moe_config())?;
+        self.write(&[("y", &out.y), ("gates", &out.gates)])
+    }
+
+    fn attention<T: AttentionElement + Element>(&self, file: &TensorFile, device: &Device) -> Result<()> {
+        let op = attention::OP;
+        let inputs = AttentionInputs::<T> {
+            q_norm: file.optional(op, "q_norm")?,
+            k_norm: file.optional(op, "k_norm")?,
+            rope_cos: file.optional(op, "rope_cos")?,
+            rope_sin: file.optional(op, "rope_sin")?,
+            ..AttentionInputs::new(file.require(op, "q")?, file.require(op, "k")?, file.require(op, "v")?)
+        };
+        let out = attention::attention_typed(device, &inputs, &AttentionConfig { scale: self.scale })?;
+        self.write(&[("out", &out)])
+    }
+
+    /// Writes `outputs` in their dtype, or as f32 with `--output-dtype f32`.
+    fn write<T: Element>(&self, outputs: &[(&str, &Tensor<T>)]) -> Result<()> {
+        match self.output_dtype {
+            None => io::write(&self.output, outputs),
+            Some(WideDtype::F32) => {
+                let wide: Vec<(&str, Tensor<f32>)> =
+                    outputs.iter().map(|(name, t)| (*name, t.map(|v| v.to_f64() as f32))).collect();
+                let views: Vec<(&str, &Tensor<f32>)> = wide.iter().map(|(name, t)| (*name, t)).collect();
+                io::write(&self.output, &views)
+            }
         }
     }
 }

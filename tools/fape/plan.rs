@@ -29,7 +29,7 @@ pub struct PlanArgs {
     /// The planner.
     #[arg(long, value_enum, default_value = "builtin")]
     planner: PlannerKind,
-    /// openai: the endpoint, http://host[:port][/path] (e.g. http://127.0.0.1:8000/v1).
+    /// openai: the endpoint, an http:// URL with an optional port and path (e.g. http://127.0.0.1:8000/v1).
     #[arg(long)]
     endpoint: Option<String>,
     /// openai: the model name the endpoint serves.

@@ -1,5 +1,6 @@
 //! `fape restore IN -o OUT`: one image through the whole pipeline (planner, VAE, one transformer
-//! step), and the pipeline flags `fape bench e2e` shares.
+//! step), or every image of a folder (`fape restore DIR -o OUT_DIR`, see [`crate::batch`]), and
+//! the pipeline flags `fape bench e2e` shares.
 
 use std::path::PathBuf;
 
@@ -9,6 +10,8 @@ use fape_kernels::pipeline::flux::ExecPath;
 use fape_kernels::pipeline::image::Image;
 use fape_kernels::pipeline::restore::{restore, Pipeline, WeightsSource};
 use fape_kernels::{FapeError, Result};
+
+use crate::batch::{self, Shard};
 
 /// Where the pipeline runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -141,11 +144,18 @@ pub fn device_label(device: &Device) -> &'static str {
 /// Arguments of `fape restore`.
 #[derive(Args)]
 pub struct RestoreArgs {
-    /// Input image (PNG, JPEG or TIFF; any size; alpha and 16-bit handled by the image loader).
+    /// Input image (PNG, JPEG or TIFF; any size; alpha and 16-bit handled by the image loader),
+    /// or a folder: every image directly in it, sorted by name.
     input: PathBuf,
-    /// Output image; the format follows the extension (.png, .jpg/.jpeg, .tif/.tiff).
+    /// Output image, the format following the extension (.png, .jpg/.jpeg, .tif/.tiff); for a
+    /// folder input, the output folder (created if missing; outputs keep the input file names,
+    /// and existing ones are skipped, so a rerun resumes).
     #[arg(short, long)]
     output: PathBuf,
+    /// With a folder input: take only file k of the sorted list where k mod N = I (0 <= I < N),
+    /// so N processes (a SLURM or Kubernetes job array) share a folder with no coordinator.
+    #[arg(long, value_name = "I/N")]
+    shard: Option<Shard>,
     #[command(flatten)]
     pipeline: PipelineArgs,
     /// The transformer's execution path.
@@ -153,13 +163,24 @@ pub struct RestoreArgs {
     path: PathArg,
 }
 
-/// Restores one image and writes it; prints the plan and the stage times.
+/// Restores one image and writes it, printing the plan and the stage times; or, for a folder,
+/// every image of it ([`batch::run`]).
 ///
 /// # Errors
-/// Unreadable input, bad flags, missing weights, an unavailable device, a failed write.
+/// Unreadable input, bad flags, missing weights, an unavailable device, a failed write;
+/// `--shard` with a single image; for a folder, the errors of [`batch::run`].
 pub fn run(args: RestoreArgs) -> Result<()> {
-    let extension = args.output.extension().and_then(|e| e.to_str()).map(str::to_ascii_lowercase);
-    if !matches!(extension.as_deref(), Some("png" | "jpg" | "jpeg" | "tif" | "tiff")) {
+    if args.input.is_dir() {
+        return batch::run(&args.input, &args.output, args.shard, &args.pipeline, args.path.into());
+    }
+    if let Some(shard) = args.shard {
+        return Err(FapeError::Config {
+            op: "restore",
+            field: "shard",
+            message: format!("{shard} applies to a folder input, and {} is not a folder", args.input.display()),
+        });
+    }
+    if !batch::has_image_extension(&args.output) {
         return Err(FapeError::File {
             path: args.output.display().to_string(),
             message: "output must end in .png, .jpg, .jpeg, .tif or .tiff".into(),
