@@ -1,4 +1,5 @@
-//! The warp-level and PTX semantics the kernels rely on (`tests/cuda_ptx/semantics.cu`),
+//! The warp-level and PTX semantics the kernels rely on (`tests/cuda_ptx/semantics.cu`), and
+//! CUDA graphs captured from a stream,
 //! against the CUDA programming guide and the PTX ISA, on whatever CUDA device is present: the
 //! CPU emulator (tools/cuda-emu) in CI, a GPU under tools/device, where the same test shows the
 //! emulator agrees with the hardware. Skips without a CUDA device (fails under FAPE_TEST_CUDA=1).
@@ -179,4 +180,30 @@ fn cp_async_groups_land_by_wait_group_with_zero_fill() {
     let mut all = src[..8].to_vec();
     all.extend([0; 4]);
     assert_lanes("after wait_group 0", &got[12..], &all);
+}
+
+#[test]
+fn a_captured_graph_replays_its_launches_with_the_arguments_of_capture() {
+    let test = "a_captured_graph_replays_its_launches_with_the_arguments_of_capture";
+    let Some(d) = device(test) else { return };
+    let function = d.module(SOURCE.0, SOURCE.1).expect("compile").load_function("scale_add").expect("kernel");
+    let stream = d.stream();
+    let n = 45i32;
+    let mut x = upload(&d, &vec![1.0f32; n as usize]);
+    let cfg = LaunchConfig { grid_dim: (1, 1, 1), block_dim: (32, 1, 1), shared_mem_bytes: 0 };
+    stream.begin_capture(cudarc::driver::sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL).expect("capture");
+    for (a, b) in [(2.0f32, 1.0f32), (3.0, -2.0)] {
+        let mut launch = stream.launch_builder(&function);
+        launch.arg(&mut x).arg(&a).arg(&b).arg(&n);
+        // SAFETY: scale_add(float* x, float a, float b, int n) with x holding n floats.
+        unsafe { launch.launch(cfg) }.expect("captured launch");
+    }
+    let graph = stream.end_capture(cudarc::driver::sys::CUgraphInstantiate_flags(0)).expect("end").expect("graph");
+    // Nothing ran while capturing; each replay runs both launches with the captured a and b
+    // (the locals they were read from are gone): x -> (x * 2 + 1) * 3 - 2.
+    assert_lanes("after capture", &download(&d, &x), &vec![1.0; n as usize]);
+    graph.launch().expect("replay");
+    graph.launch().expect("replay");
+    stream.synchronize().expect("sync");
+    assert_lanes("after two replays", &download(&d, &x), &vec![(7.0f32 * 2.0 + 1.0) * 3.0 - 2.0; n as usize]);
 }

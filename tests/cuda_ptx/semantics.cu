@@ -92,3 +92,9 @@ extern "C" __global__ void cp_async_ops(const int* src, int* out)
     asm volatile("cp.async.wait_group 0;\n" ::: "memory");
     for (int i = 0; i < 12; ++i) out[12 + i] = tile[i];
 }
+
+// x[i] = x[i] * a + b for i < n (one block of 32 threads, grid-stride): a graph's replays.
+extern "C" __global__ void scale_add(float* x, float a, float b, int n)
+{
+    for (int i = threadIdx.x; i < n; i += 32) x[i] = x[i] * a + b;
+}

@@ -4,7 +4,9 @@
 // trivially ordered, and events time the emulator's real work). A kernel that fails while it
 // runs (a trap, a deadlock, a sanitizer report) leaves its error on its stream, returned by the
 // stream's next synchronising call as CUDA returns asynchronous errors; configuration errors are
-// returned by cuLaunchKernel itself.
+// returned by cuLaunchKernel itself. A capturing stream (cuStreamBeginCapture) records its
+// operations, kernel arguments copied, into a graph that cuGraphLaunch replays on a stream;
+// allocating or synchronising on a capturing stream is refused, as CUDA refuses a sync.
 #include <sys/sysinfo.h>
 
 #include <algorithm>
@@ -12,8 +14,11 @@
 #include <cstdio>
 #include <cstring>
 #include <map>
+#include <memory>
 #include <mutex>
+#include <functional>
 #include <set>
+#include <vector>
 #include <string>
 
 #include "emu.h"
@@ -31,12 +36,15 @@ enum CUresult : int {
     CUDA_ERROR_INVALID_CONTEXT = 201,
     CUDA_ERROR_INVALID_PTX = 218,
     CUDA_ERROR_INVALID_HANDLE = 400,
+    CUDA_ERROR_ILLEGAL_STATE = 401,
     CUDA_ERROR_NOT_FOUND = 500,
     CUDA_ERROR_NOT_READY = 600,
     CUDA_ERROR_ILLEGAL_ADDRESS = 700,
     CUDA_ERROR_LAUNCH_OUT_OF_RESOURCES = 701,
     CUDA_ERROR_LAUNCH_FAILED = 719,
     CUDA_ERROR_NOT_SUPPORTED = 801,
+    CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED = 900,
+    CUDA_ERROR_STREAM_CAPTURE_INVALIDATED = 901,
     CUDA_ERROR_UNKNOWN = 999,
 };
 
@@ -46,8 +54,18 @@ struct Context {
 Context g_primary;
 thread_local Context* tl_current = nullptr;
 
+struct Stream;
+// One operation of a stream, run on the stream given (the one it was submitted to, or the one a
+// graph is launched on).
+using Op = std::function<CUresult(Stream*)>;
+
+struct Graph {
+    std::vector<Op> ops;
+};
+
 struct Stream {
     CUresult error = CUDA_SUCCESS;  // of a kernel that failed while running, not yet returned
+    Graph* capture = nullptr;       // the graph being captured, if any
 };
 // The legacy (null) and per-thread default streams, CU_STREAM_LEGACY (0x1), CU_STREAM_PER_THREAD (0x2).
 Stream g_default_stream;
@@ -63,6 +81,8 @@ std::set<Stream*> g_streams;
 std::set<Event*> g_events;
 std::map<const void*, emu::Function*> g_functions;  // by handle, for validation
 std::set<emu::Module*> g_modules;
+
+std::set<Graph*> g_graphs, g_graph_execs;
 
 bool g_initialised = false;
 
@@ -80,6 +100,18 @@ CUresult take_error(Stream* s)
     const CUresult e = s->error;
     s->error = CUDA_SUCCESS;
     return e;
+}
+
+// Runs `op` on `s` now (after returning the error an earlier kernel left there, if any), or
+// records it when `s` is capturing.
+CUresult submit(Stream* s, Op op)
+{
+    if (s->capture != nullptr) {
+        s->capture->ops.push_back(std::move(op));
+        return CUDA_SUCCESS;
+    }
+    if (const CUresult e = take_error(s)) return e;
+    return op(s);
 }
 
 CUresult bad_range(const char* fn, const void* p, size_t bytes)
@@ -144,12 +176,15 @@ const char* error_name(int e)
     case CUDA_ERROR_INVALID_CONTEXT: return "CUDA_ERROR_INVALID_CONTEXT";
     case CUDA_ERROR_INVALID_PTX: return "CUDA_ERROR_INVALID_PTX";
     case CUDA_ERROR_INVALID_HANDLE: return "CUDA_ERROR_INVALID_HANDLE";
+    case CUDA_ERROR_ILLEGAL_STATE: return "CUDA_ERROR_ILLEGAL_STATE";
     case CUDA_ERROR_NOT_FOUND: return "CUDA_ERROR_NOT_FOUND";
     case CUDA_ERROR_NOT_READY: return "CUDA_ERROR_NOT_READY";
     case CUDA_ERROR_ILLEGAL_ADDRESS: return "CUDA_ERROR_ILLEGAL_ADDRESS";
     case CUDA_ERROR_LAUNCH_OUT_OF_RESOURCES: return "CUDA_ERROR_LAUNCH_OUT_OF_RESOURCES";
     case CUDA_ERROR_LAUNCH_FAILED: return "CUDA_ERROR_LAUNCH_FAILED";
     case CUDA_ERROR_NOT_SUPPORTED: return "CUDA_ERROR_NOT_SUPPORTED";
+    case CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED: return "CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED";
+    case CUDA_ERROR_STREAM_CAPTURE_INVALIDATED: return "CUDA_ERROR_STREAM_CAPTURE_INVALIDATED";
     default: return nullptr;
     }
 }
@@ -166,12 +201,15 @@ const char* error_string(int e)
     case CUDA_ERROR_INVALID_CONTEXT: return "invalid device context";
     case CUDA_ERROR_INVALID_PTX: return "a PTX JIT compilation failed (fape-cuda-emu loads only modules its NVRTC compiled)";
     case CUDA_ERROR_INVALID_HANDLE: return "invalid resource handle";
+    case CUDA_ERROR_ILLEGAL_STATE: return "the operation is not valid in the stream's current capture state";
     case CUDA_ERROR_NOT_FOUND: return "named symbol not found";
     case CUDA_ERROR_NOT_READY: return "device not ready";
     case CUDA_ERROR_ILLEGAL_ADDRESS: return "an illegal memory access was encountered (fape-cuda-emu memcheck)";
     case CUDA_ERROR_LAUNCH_OUT_OF_RESOURCES: return "too many resources requested for launch";
     case CUDA_ERROR_LAUNCH_FAILED: return "unspecified launch failure (fape-cuda-emu: see its report on stderr)";
     case CUDA_ERROR_NOT_SUPPORTED: return "operation not supported (by fape-cuda-emu)";
+    case CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED: return "operation not permitted when stream is capturing";
+    case CUDA_ERROR_STREAM_CAPTURE_INVALIDATED: return "operation failed due to a previous error during capture";
     default: return nullptr;
     }
 }
@@ -325,9 +363,12 @@ API cuMemAlloc_v2(CUdeviceptr* p, size_t bytes)
     *p = reinterpret_cast<CUdeviceptr>(m);
     return CUDA_SUCCESS;
 }
+// Allocating or freeing on a capturing stream (graph memory nodes) is not emulated.
 API cuMemAllocAsync(CUdeviceptr* p, size_t bytes, void* stream)
 {
-    if (stream_of(stream) == nullptr) return CUDA_ERROR_INVALID_HANDLE;
+    Stream* s = stream_of(stream);
+    if (s == nullptr) return CUDA_ERROR_INVALID_HANDLE;
+    if (s->capture != nullptr) return CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED;
     return cuMemAlloc_v2(p, bytes);
 }
 API cuMemFree_v2(CUdeviceptr p)
@@ -337,7 +378,9 @@ API cuMemFree_v2(CUdeviceptr p)
 }
 API cuMemFreeAsync(CUdeviceptr p, void* stream)
 {
-    if (stream_of(stream) == nullptr) return CUDA_ERROR_INVALID_HANDLE;
+    Stream* s = stream_of(stream);
+    if (s == nullptr) return CUDA_ERROR_INVALID_HANDLE;
+    if (s->capture != nullptr) return CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED;
     return cuMemFree_v2(p);
 }
 API cuMemGetInfo_v2(size_t* free_bytes, size_t* total)
@@ -378,62 +421,67 @@ API cuMemcpyHtoDAsync_v2(CUdeviceptr dst, const void* src, size_t bytes, void* s
 {
     Stream* s = stream_of(stream);
     if (s == nullptr) return CUDA_ERROR_INVALID_HANDLE;
-    if (const CUresult e = take_error(s)) return e;
-    void* d = reinterpret_cast<void*>(dst);
-    if (!emu::device_range(d, bytes)) return bad_range("cuMemcpyHtoD", d, bytes);
-    std::memcpy(d, src, bytes);
-    emu::mark_written(d, bytes);
-    return CUDA_SUCCESS;
+    return submit(s, [=](Stream*) {
+        void* d = reinterpret_cast<void*>(dst);
+        if (!emu::device_range(d, bytes)) return bad_range("cuMemcpyHtoD", d, bytes);
+        std::memcpy(d, src, bytes);
+        emu::mark_written(d, bytes);
+        return CUDA_SUCCESS;
+    });
 }
 API cuMemcpyHtoD_v2(CUdeviceptr dst, const void* src, size_t bytes) { return cuMemcpyHtoDAsync_v2(dst, src, bytes, nullptr); }
 API cuMemcpyDtoHAsync_v2(void* dst, CUdeviceptr src, size_t bytes, void* stream)
 {
     Stream* s = stream_of(stream);
     if (s == nullptr) return CUDA_ERROR_INVALID_HANDLE;
-    if (const CUresult e = take_error(s)) return e;
-    const void* p = reinterpret_cast<const void*>(src);
-    if (!emu::device_range(p, bytes)) return bad_range("cuMemcpyDtoH", p, bytes);
-    std::memcpy(dst, p, bytes);
-    return CUDA_SUCCESS;
+    return submit(s, [=](Stream*) {
+        const void* p = reinterpret_cast<const void*>(src);
+        if (!emu::device_range(p, bytes)) return bad_range("cuMemcpyDtoH", p, bytes);
+        std::memcpy(dst, p, bytes);
+        return CUDA_SUCCESS;
+    });
 }
 API cuMemcpyDtoH_v2(void* dst, CUdeviceptr src, size_t bytes) { return cuMemcpyDtoHAsync_v2(dst, src, bytes, nullptr); }
 API cuMemcpyDtoDAsync_v2(CUdeviceptr dst, CUdeviceptr src, size_t bytes, void* stream)
 {
     Stream* s = stream_of(stream);
     if (s == nullptr) return CUDA_ERROR_INVALID_HANDLE;
-    if (const CUresult e = take_error(s)) return e;
-    void* d = reinterpret_cast<void*>(dst);
-    const void* p = reinterpret_cast<const void*>(src);
-    if (!emu::device_range(d, bytes)) return bad_range("cuMemcpyDtoD (destination)", d, bytes);
-    if (!emu::device_range(p, bytes)) return bad_range("cuMemcpyDtoD (source)", p, bytes);
-    std::memmove(d, p, bytes);
-    emu::copy_written(d, p, bytes);
-    return CUDA_SUCCESS;
+    return submit(s, [=](Stream*) {
+        void* d = reinterpret_cast<void*>(dst);
+        const void* p = reinterpret_cast<const void*>(src);
+        if (!emu::device_range(d, bytes)) return bad_range("cuMemcpyDtoD (destination)", d, bytes);
+        if (!emu::device_range(p, bytes)) return bad_range("cuMemcpyDtoD (source)", p, bytes);
+        std::memmove(d, p, bytes);
+        emu::copy_written(d, p, bytes);
+        return CUDA_SUCCESS;
+    });
 }
 API cuMemcpyDtoD_v2(CUdeviceptr dst, CUdeviceptr src, size_t bytes) { return cuMemcpyDtoDAsync_v2(dst, src, bytes, nullptr); }
 API cuMemsetD8Async(CUdeviceptr dst, unsigned char value, size_t n, void* stream)
 {
     Stream* s = stream_of(stream);
     if (s == nullptr) return CUDA_ERROR_INVALID_HANDLE;
-    if (const CUresult e = take_error(s)) return e;
-    void* d = reinterpret_cast<void*>(dst);
-    if (!emu::device_range(d, n)) return bad_range("cuMemsetD8", d, n);
-    std::memset(d, value, n);
-    emu::mark_written(d, n);
-    return CUDA_SUCCESS;
+    return submit(s, [=](Stream*) {
+        void* d = reinterpret_cast<void*>(dst);
+        if (!emu::device_range(d, n)) return bad_range("cuMemsetD8", d, n);
+        std::memset(d, value, n);
+        emu::mark_written(d, n);
+        return CUDA_SUCCESS;
+    });
 }
 API cuMemsetD8_v2(CUdeviceptr dst, unsigned char value, size_t n) { return cuMemsetD8Async(dst, value, n, nullptr); }
 API cuMemsetD32Async(CUdeviceptr dst, unsigned value, size_t n, void* stream)
 {
     Stream* s = stream_of(stream);
     if (s == nullptr) return CUDA_ERROR_INVALID_HANDLE;
-    if (const CUresult e = take_error(s)) return e;
-    auto* d = reinterpret_cast<unsigned*>(dst);
     if (dst % 4 != 0) return CUDA_ERROR_INVALID_VALUE;
-    if (!emu::device_range(d, n * 4)) return bad_range("cuMemsetD32", d, n * 4);
-    for (size_t i = 0; i < n; ++i) d[i] = value;
-    emu::mark_written(d, n * 4);
-    return CUDA_SUCCESS;
+    return submit(s, [=](Stream*) {
+        auto* d = reinterpret_cast<unsigned*>(dst);
+        if (!emu::device_range(d, n * 4)) return bad_range("cuMemsetD32", d, n * 4);
+        for (size_t i = 0; i < n; ++i) d[i] = value;
+        emu::mark_written(d, n * 4);
+        return CUDA_SUCCESS;
+    });
 }
 
 // --- streams and events ----------------------------------------------------------------------
@@ -456,7 +504,9 @@ API cuStreamDestroy_v2(Stream* s)
 API cuStreamSynchronize(void* stream)
 {
     Stream* s = stream_of(stream);
-    return s == nullptr ? CUDA_ERROR_INVALID_HANDLE : take_error(s);
+    if (s == nullptr) return CUDA_ERROR_INVALID_HANDLE;
+    if (s->capture != nullptr) return CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED;
+    return take_error(s);
 }
 API cuStreamQuery(void* stream) { return cuStreamSynchronize(stream); }
 API cuStreamWaitEvent(void* stream, Event* e, unsigned)
@@ -467,17 +517,83 @@ API cuStreamWaitEvent(void* stream, Event* e, unsigned)
 }
 API cuStreamIsCapturing(void* stream, int* status)
 {
+    Stream* s = stream_of(stream);
+    if (s == nullptr) return CUDA_ERROR_INVALID_HANDLE;
+    *status = s->capture != nullptr ? 1 : 0;  // CU_STREAM_CAPTURE_STATUS_ACTIVE / _NONE
+    return CUDA_SUCCESS;
+}
+API cuStreamBeginCapture_v2(void* stream, int)
+{
+    Stream* s = stream_of(stream);
+    if (s == nullptr) return CUDA_ERROR_INVALID_HANDLE;
+    if (s == &g_default_stream) return CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED;  // the legacy stream
+    if (s->capture != nullptr) return CUDA_ERROR_ILLEGAL_STATE;
+    s->capture = new Graph();
+    return CUDA_SUCCESS;
+}
+API cuStreamEndCapture(void* stream, Graph** graph)
+{
+    Stream* s = stream_of(stream);
+    if (s == nullptr) return CUDA_ERROR_INVALID_HANDLE;
+    if (s->capture == nullptr) return CUDA_ERROR_ILLEGAL_STATE;
+    *graph = s->capture;
+    s->capture = nullptr;
+    std::lock_guard<std::mutex> g(g_lock);
+    g_graphs.insert(*graph);
+    return CUDA_SUCCESS;
+}
+API cuGraphInstantiateWithFlags(Graph** exec, Graph* graph, unsigned long long)
+{
+    std::lock_guard<std::mutex> g(g_lock);
+    if (g_graphs.count(graph) == 0) return CUDA_ERROR_INVALID_HANDLE;
+    *exec = new Graph(*graph);
+    g_graph_execs.insert(*exec);
+    return CUDA_SUCCESS;
+}
+API cuGraphDestroy(Graph* graph)
+{
+    std::lock_guard<std::mutex> g(g_lock);
+    if (g_graphs.erase(graph) == 0) return CUDA_ERROR_INVALID_HANDLE;
+    delete graph;
+    return CUDA_SUCCESS;
+}
+API cuGraphExecDestroy(Graph* exec)
+{
+    std::lock_guard<std::mutex> g(g_lock);
+    if (g_graph_execs.erase(exec) == 0) return CUDA_ERROR_INVALID_HANDLE;
+    delete exec;
+    return CUDA_SUCCESS;
+}
+API cuGraphUpload(Graph* exec, void* stream)
+{
     if (stream_of(stream) == nullptr) return CUDA_ERROR_INVALID_HANDLE;
-    *status = 0;  // CU_STREAM_CAPTURE_STATUS_NONE
+    std::lock_guard<std::mutex> g(g_lock);
+    return g_graph_execs.count(exec) ? CUDA_SUCCESS : CUDA_ERROR_INVALID_HANDLE;
+}
+// Replays the graph's operations in order on `stream` (a graph launched into a capture is not
+// emulated).
+API cuGraphLaunch(Graph* exec, void* stream)
+{
+    Stream* s = stream_of(stream);
+    if (s == nullptr) return CUDA_ERROR_INVALID_HANDLE;
+    {
+        std::lock_guard<std::mutex> g(g_lock);
+        if (g_graph_execs.count(exec) == 0) return CUDA_ERROR_INVALID_HANDLE;
+    }
+    if (s->capture != nullptr) return CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED;
+    if (const CUresult e = take_error(s)) return e;
+    for (const Op& op : exec->ops)
+        if (const CUresult e = op(s)) return e;
     return CUDA_SUCCESS;
 }
 API cuLaunchHostFunc(void* stream, void (*fn)(void*), void* data)
 {
     Stream* s = stream_of(stream);
     if (s == nullptr) return CUDA_ERROR_INVALID_HANDLE;
-    if (const CUresult e = take_error(s)) return e;
-    fn(data);
-    return CUDA_SUCCESS;
+    return submit(s, [=](Stream*) {
+        fn(data);
+        return CUDA_SUCCESS;
+    });
 }
 API cuEventCreate(Event** e, unsigned flags)
 {
@@ -502,9 +618,11 @@ API cuEventRecord(Event* e, void* stream)
         std::lock_guard<std::mutex> g(g_lock);
         if (g_events.count(e) == 0) return CUDA_ERROR_INVALID_HANDLE;
     }
-    e->at = std::chrono::steady_clock::now();
-    e->recorded = true;
-    return CUDA_SUCCESS;
+    return submit(s, [e](Stream*) {
+        e->at = std::chrono::steady_clock::now();
+        e->recorded = true;
+        return CUDA_SUCCESS;
+    });
 }
 API cuEventRecordWithFlags(Event* e, void* stream, unsigned) { return cuEventRecord(e, stream); }
 API cuEventSynchronize(Event* e)
@@ -618,17 +736,30 @@ API cuLaunchKernel(void* handle, unsigned gx, unsigned gy, unsigned gz, unsigned
     Stream* s = stream_of(stream);
     if (s == nullptr) return CUDA_ERROR_INVALID_HANDLE;
     if (extra != nullptr) return CUDA_ERROR_NOT_SUPPORTED;  // cudarc passes kernelParams
-    if (const CUresult e = take_error(s)) return e;
-    const emu::LaunchRequest r{f, {gx, gy, gz}, {bx, by, bz}, shared, params};
-    std::string error;
-    switch (emu::launch(r, &error)) {
-    case emu::LaunchResult::Ok: return CUDA_SUCCESS;
-    case emu::LaunchResult::InvalidValue: return CUDA_ERROR_INVALID_VALUE;
-    case emu::LaunchResult::OutOfResources: return CUDA_ERROR_LAUNCH_OUT_OF_RESOURCES;
-    case emu::LaunchResult::IllegalAddress: s->error = CUDA_ERROR_ILLEGAL_ADDRESS; return CUDA_SUCCESS;
-    case emu::LaunchResult::LaunchFailed: s->error = CUDA_ERROR_LAUNCH_FAILED; return CUDA_SUCCESS;
+    auto run = [=](Stream* on, void** args) {
+        const emu::LaunchRequest r{f, {gx, gy, gz}, {bx, by, bz}, shared, args};
+        std::string error;
+        switch (emu::launch(r, &error)) {
+        case emu::LaunchResult::Ok: return CUDA_SUCCESS;
+        case emu::LaunchResult::InvalidValue: return CUDA_ERROR_INVALID_VALUE;
+        case emu::LaunchResult::OutOfResources: return CUDA_ERROR_LAUNCH_OUT_OF_RESOURCES;
+        case emu::LaunchResult::IllegalAddress: on->error = CUDA_ERROR_ILLEGAL_ADDRESS; return CUDA_SUCCESS;
+        case emu::LaunchResult::LaunchFailed: on->error = CUDA_ERROR_LAUNCH_FAILED; return CUDA_SUCCESS;
+        }
+        return CUDA_ERROR_UNKNOWN;
+    };
+    if (s->capture == nullptr) return submit(s, [&](Stream* on) { return run(on, params); });
+    // Captured: the graph keeps copies of the argument values (the kernel table knows their sizes).
+    auto values = std::make_shared<std::vector<std::vector<char>>>();
+    for (unsigned i = 0; i < f->kernel->param_count; ++i) {
+        const char* v = static_cast<const char*>(params[i]);
+        values->emplace_back(v, v + f->kernel->param_sizes[i]);
     }
-    return CUDA_ERROR_UNKNOWN;
+    return submit(s, [run, values](Stream* on) {
+        std::vector<void*> args;
+        for (auto& v : *values) args.push_back(v.data());
+        return run(on, args.data());
+    });
 }
 
 API cuOccupancyMaxActiveBlocksPerMultiprocessor(int* blocks, void* handle, int block_size, size_t shared)
