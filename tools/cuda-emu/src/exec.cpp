@@ -150,13 +150,22 @@ struct Worker {
         const size_t dflt = sanitizer() == Sanitizer::Memcheck ? 1024 : 256;
         stack_bytes = (kb != nullptr && std::atoi(kb) > 0 ? static_cast<size_t>(std::atoi(kb)) : dflt) * 1024;
     }
+    Worker(const Worker&) = delete;
+    Worker& operator=(const Worker&) = delete;
+    ~Worker()
+    {
+        for (const auto& t : threads) unmap_stack(t->stack);
+        if (window != nullptr && __asan_unpoison_memory_region) __asan_unpoison_memory_region(window, window_capacity);
+        std::free(window);
+    }
 };
 
-thread_local Worker* tl_worker = nullptr;
+// One per OS thread that runs blocks, released when the thread ends.
+thread_local std::unique_ptr<Worker> tl_worker;
 
 Worker& this_worker()
 {
-    if (tl_worker == nullptr) tl_worker = new Worker();  // one per OS thread, kept for its life
+    if (!tl_worker) tl_worker = std::make_unique<Worker>();
     return *tl_worker;
 }
 

@@ -71,6 +71,12 @@ FiberStack map_stack(size_t bytes)
     return FiberStack{static_cast<char*>(p) + page, bytes};
 }
 
+void unmap_stack(const FiberStack& stack)
+{
+    const size_t page = static_cast<size_t>(sysconf(_SC_PAGESIZE));
+    munmap(stack.base - page, stack.bytes + page);
+}
+
 void* fiber_context(const FiberStack& stack, void (*entry)(void*), void* arg)
 {
     // Layout, from the top: return address (fape_emu_fiber_entry), rbp, rbx, r12 = arg,

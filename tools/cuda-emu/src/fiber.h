@@ -14,6 +14,9 @@ struct FiberStack {
 // Maps a stack of `bytes` with a PROT_NONE guard page below it (an overflow faults).
 FiberStack map_stack(size_t bytes);
 
+// Unmaps a stack of map_stack.
+void unmap_stack(const FiberStack& stack);
+
 // A fresh context on `stack` that calls entry(arg) when first switched to (entry never returns).
 void* fiber_context(const FiberStack& stack, void (*entry)(void*), void* arg);
 
