@@ -17,6 +17,7 @@ pub mod freq;
 pub mod io;
 pub mod lora_moe;
 pub mod pipeline;
+mod simd;
 pub mod tensor;
 pub mod testing;
 
