@@ -11,6 +11,7 @@ pub mod backend;
 pub mod bench;
 pub mod candle_ops;
 pub mod check;
+mod cpu_conv;
 pub mod cpu_gemm;
 pub mod error;
 pub mod freq;

@@ -4,14 +4,91 @@
 //! Every block maps `[B, C, H, W]` to `[B, C', H', W']` and computes in the weights' dtype, except
 //! GroupNorm statistics and the attention softmax, which run in f32 for half-precision inputs.
 
-use candle_core::{DType, Module, Result, Tensor, D};
+use std::sync::Arc;
+
+use candle_core::{CpuStorage, DType, Layout, Module, Result, Shape, Tensor, D};
 use candle_nn::{conv2d, group_norm, linear, Conv2d, Conv2dConfig, GroupNorm, Linear, VarBuilder};
 
 use super::config::NORM_EPS;
+use crate::candle_ops::cpu_slice;
+use crate::cpu_conv::{ConvGeometry, PackedConv};
+
+/// A convolution of the autoencoder (`[B, cin, H, W] -> [B, cout, H', W']`, `weight` and `bias`
+/// under `vb`'s prefix): candle's `conv2d`, except for f32 on the CPU, where it runs this crate's
+/// direct convolution ([`crate::cpu_conv`]) on the same weights (packed at load), the
+/// upsampling and asymmetric padding of `geometry` folded into its input reads.
+#[derive(Debug, Clone)]
+pub(super) struct Conv {
+    candle: Conv2d,
+    geometry: ConvGeometry,
+    packed: Option<Arc<PackedConv>>,
+}
+
+impl Conv {
+    /// Loads the convolution.
+    ///
+    /// # Errors
+    /// A missing or mis-shaped tensor (the error names it).
+    pub(super) fn load(cin: usize, cout: usize, geometry: ConvGeometry, vb: VarBuilder) -> Result<Self> {
+        let padding = if geometry.pad_before == geometry.pad_after { geometry.pad_before } else { 0 };
+        let config = Conv2dConfig { padding, stride: geometry.stride, ..Default::default() };
+        let candle = conv2d(cin, cout, geometry.kernel, config, vb)?;
+        let packed = match (candle.weight().device(), candle.weight().dtype()) {
+            (candle_core::Device::Cpu, DType::F32) => {
+                let weight = candle.weight().flatten_all()?.to_vec1::<f32>()?;
+                let bias = candle.bias().map(|b| b.to_vec1::<f32>()).transpose()?;
+                Some(Arc::new(PackedConv::new(&weight, bias.as_deref(), cout, cin, geometry.kernel)))
+            }
+            _ => None,
+        };
+        Ok(Self { candle, geometry, packed })
+    }
+}
+
+impl Module for Conv {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        if let Some(packed) = &self.packed {
+            if x.device().is_cpu() && x.dtype() == DType::F32 {
+                return x.contiguous()?.apply_op1_no_bwd(&CpuConv { packed, geometry: self.geometry });
+            }
+        }
+        let ConvGeometry { pad_before, pad_after, upsample, .. } = self.geometry;
+        let mut x = x.clone();
+        if upsample {
+            let (_, _, h, w) = x.dims4()?;
+            x = x.upsample_nearest2d(2 * h, 2 * w)?;
+        }
+        if pad_before != pad_after {
+            x = x.pad_with_zeros(D::Minus1, pad_before, pad_after)?.pad_with_zeros(D::Minus2, pad_before, pad_after)?;
+        }
+        self.candle.forward(&x)
+    }
+}
+
+/// [`Conv`]'s CPU path as a candle op on a contiguous f32 input.
+struct CpuConv<'a> {
+    packed: &'a PackedConv,
+    geometry: ConvGeometry,
+}
+
+impl candle_core::CustomOp1 for CpuConv<'_> {
+    fn name(&self) -> &'static str {
+        "vae-conv2d"
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
+        let x = cpu_slice::<f32>("vae-conv2d", "x", storage, layout)?;
+        let (b, c, h, w) = layout.shape().dims4()?;
+        let (out, dims) = crate::cpu_conv::conv2d(x, [b, c, h, w], self.packed, self.geometry)
+            .ok_or_else(|| candle_core::Error::Msg(format!("vae-conv2d: input {h}x{w} is smaller than the kernel")))?;
+        Ok((CpuStorage::F32(out), Shape::from(dims.to_vec())))
+    }
+}
 
 /// A 3x3 convolution with padding 1 (`[B, cin, H, W] -> [B, cout, H, W]`) under `vb`'s prefix.
-pub(super) fn conv3x3(cin: usize, cout: usize, vb: VarBuilder) -> Result<Conv2d> {
-    conv2d(cin, cout, 3, Conv2dConfig { padding: 1, ..Default::default() }, vb)
+pub(super) fn conv3x3(cin: usize, cout: usize, vb: VarBuilder) -> Result<Conv> {
+    let geometry = ConvGeometry { kernel: 3, stride: 1, pad_before: 1, pad_after: 1, upsample: false };
+    Conv::load(cin, cout, geometry, vb)
 }
 
 /// diffusers' `ResnetBlock2D` without time embedding: `norm1, SiLU, conv1, norm2, SiLU, conv2`,
@@ -20,10 +97,10 @@ pub(super) fn conv3x3(cin: usize, cout: usize, vb: VarBuilder) -> Result<Conv2d>
 #[derive(Debug, Clone)]
 pub struct ResnetBlock {
     norm1: GroupNorm,
-    conv1: Conv2d,
+    conv1: Conv,
     norm2: GroupNorm,
-    conv2: Conv2d,
-    conv_shortcut: Option<Conv2d>,
+    conv2: Conv,
+    conv_shortcut: Option<Conv>,
 }
 
 impl ResnetBlock {
@@ -36,7 +113,8 @@ impl ResnetBlock {
         let conv_shortcut = if cin == cout {
             None
         } else {
-            Some(conv2d(cin, cout, 1, Conv2dConfig::default(), vb.pp("conv_shortcut"))?)
+            let one = ConvGeometry { kernel: 1, stride: 1, pad_before: 0, pad_after: 0, upsample: false };
+            Some(Conv::load(cin, cout, one, vb.pp("conv_shortcut"))?)
         };
         Ok(Self {
             norm1: group_norm(groups, cin, NORM_EPS, vb.pp("norm1"))?,
@@ -114,7 +192,7 @@ impl Module for AttentionBlock {
 /// for even `H`, `W`.
 #[derive(Debug, Clone)]
 pub struct Downsample {
-    conv: Conv2d,
+    conv: Conv,
 }
 
 impl Downsample {
@@ -123,14 +201,14 @@ impl Downsample {
     /// # Errors
     /// A missing or mis-shaped tensor (the error names it).
     pub fn load(channels: usize, vb: VarBuilder) -> Result<Self> {
-        let cfg = Conv2dConfig { stride: 2, ..Default::default() };
-        Ok(Self { conv: conv2d(channels, channels, 3, cfg, vb.pp("conv"))? })
+        let geometry = ConvGeometry { kernel: 3, stride: 2, pad_before: 0, pad_after: 1, upsample: false };
+        Ok(Self { conv: Conv::load(channels, channels, geometry, vb.pp("conv"))? })
     }
 }
 
 impl Module for Downsample {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        self.conv.forward(&x.pad_with_zeros(D::Minus1, 0, 1)?.pad_with_zeros(D::Minus2, 0, 1)?)
+        self.conv.forward(x)
     }
 }
 
@@ -138,7 +216,7 @@ impl Module for Downsample {
 /// `[B, C, H, W] -> [B, C, 2H, 2W]`.
 #[derive(Debug, Clone)]
 pub struct Upsample {
-    conv: Conv2d,
+    conv: Conv,
 }
 
 impl Upsample {
@@ -147,14 +225,14 @@ impl Upsample {
     /// # Errors
     /// A missing or mis-shaped tensor (the error names it).
     pub fn load(channels: usize, vb: VarBuilder) -> Result<Self> {
-        Ok(Self { conv: conv3x3(channels, channels, vb.pp("conv"))? })
+        let geometry = ConvGeometry { kernel: 3, stride: 1, pad_before: 1, pad_after: 1, upsample: true };
+        Ok(Self { conv: Conv::load(channels, channels, geometry, vb.pp("conv"))? })
     }
 }
 
 impl Module for Upsample {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let (_, _, h, w) = x.dims4()?;
-        self.conv.forward(&x.upsample_nearest2d(2 * h, 2 * w)?)
+        self.conv.forward(x)
     }
 }
 

@@ -16,11 +16,11 @@ pub mod blocks;
 mod config;
 
 use candle_core::{Module, Result, Tensor};
-use candle_nn::{group_norm, Conv2d, GroupNorm, VarBuilder};
+use candle_nn::{group_norm, GroupNorm, VarBuilder};
 
 pub use config::{VaeConfig, NORM_EPS};
 
-use self::blocks::{conv3x3, Downsample, MidBlock, ResnetBlock, Upsample};
+use self::blocks::{conv3x3, Conv, Downsample, MidBlock, ResnetBlock, Upsample};
 use crate::candle_ops::candle_error;
 use crate::error::FapeError;
 
@@ -47,11 +47,11 @@ impl<S: Module> Module for Level<S> {
 /// `[B, in_channels, H, W] -> [B, 2 * latent_channels, H/f, W/f]` (mean and log-variance).
 #[derive(Debug, Clone)]
 struct Encoder {
-    conv_in: Conv2d,
+    conv_in: Conv,
     down_blocks: Vec<Level<Downsample>>,
     mid_block: MidBlock,
     conv_norm_out: GroupNorm,
-    conv_out: Conv2d,
+    conv_out: Conv,
 }
 
 impl Encoder {
@@ -94,11 +94,11 @@ impl Module for Encoder {
 /// `[B, latent_channels, h, w] -> [B, in_channels, h*f, w*f]`.
 #[derive(Debug, Clone)]
 struct Decoder {
-    conv_in: Conv2d,
+    conv_in: Conv,
     mid_block: MidBlock,
     up_blocks: Vec<Level<Upsample>>,
     conv_norm_out: GroupNorm,
-    conv_out: Conv2d,
+    conv_out: Conv,
 }
 
 impl Decoder {
