@@ -229,6 +229,12 @@ impl Band<'_> {
                 for (r, row) in rows.chunks_exact_mut(row_len).enumerate() {
                     let Some(y) = source(stride * self.first + r, h) else { continue };
                     let src = &plane[y * w..][..w];
+                    if stride == 1 && up == 1 {
+                        // The row as it is, shifted right by the padding (which stays zero).
+                        let end = (pad_before + w).min(row_len);
+                        row[pad_before.min(end)..end].copy_from_slice(&src[..end.saturating_sub(pad_before)]);
+                        continue;
+                    }
                     for (dst, col) in row.iter_mut().zip(phase) {
                         if let Some(c) = col {
                             *dst = src[*c];

@@ -13,6 +13,7 @@ pub mod candle_ops;
 pub mod check;
 mod cpu_conv;
 pub mod cpu_gemm;
+mod cpu_norm;
 pub mod error;
 pub mod freq;
 pub mod io;

@@ -7,7 +7,7 @@
 use std::sync::Arc;
 
 use candle_core::{CpuStorage, DType, Layout, Module, Result, Shape, Tensor, D};
-use candle_nn::{conv2d, group_norm, linear, Conv2d, Conv2dConfig, GroupNorm, Linear, VarBuilder};
+use candle_nn::{conv2d, linear, Conv2d, Conv2dConfig, GroupNorm, Init, Linear, VarBuilder};
 
 use super::config::NORM_EPS;
 use crate::candle_ops::cpu_slice;
@@ -85,6 +85,85 @@ impl candle_core::CustomOp1 for CpuConv<'_> {
     }
 }
 
+/// GroupNorm of the autoencoder (`weight`, `bias` `[C]` under `vb`'s prefix, eps [`NORM_EPS`]),
+/// optionally followed by SiLU: candle's ops, except for f32 on the CPU, where it is one fused
+/// pass of this crate ([`crate::cpu_norm`]). `[B, C, H, W]` in and out.
+#[derive(Debug, Clone)]
+pub(super) struct Norm {
+    candle: GroupNorm,
+    groups: usize,
+    /// `(weight, bias)` on the host, for f32 CPU runs.
+    host: Option<Arc<(Vec<f32>, Vec<f32>)>>,
+}
+
+impl Norm {
+    /// Loads the norm for `channels` channels in `groups` groups.
+    ///
+    /// # Errors
+    /// A missing or mis-shaped tensor (the error names it), or `groups` not dividing `channels`.
+    pub(super) fn load(groups: usize, channels: usize, vb: VarBuilder) -> Result<Self> {
+        let weight = vb.get_with_hints(channels, "weight", Init::Const(1.0))?;
+        let bias = vb.get_with_hints(channels, "bias", Init::Const(0.0))?;
+        let host = match (weight.device(), weight.dtype()) {
+            (candle_core::Device::Cpu, DType::F32) => Some(Arc::new((weight.to_vec1()?, bias.to_vec1()?))),
+            _ => None,
+        };
+        Ok(Self { candle: GroupNorm::new(weight, bias, channels, groups, NORM_EPS)?, groups, host })
+    }
+
+    /// The norm of `x`, then SiLU when `silu`.
+    ///
+    /// # Errors
+    /// A shape or device error from candle.
+    pub(super) fn forward(&self, x: &Tensor, silu: bool) -> Result<Tensor> {
+        if let Some(host) = &self.host {
+            if x.device().is_cpu() && x.dtype() == DType::F32 && x.rank() >= 3 {
+                return x.contiguous()?.apply_op1_no_bwd(&CpuNorm { norm: self, host, silu });
+            }
+        }
+        let y = self.candle.forward(x)?;
+        if silu {
+            y.silu()
+        } else {
+            Ok(y)
+        }
+    }
+}
+
+/// [`Norm`]'s CPU path as a candle op on a contiguous f32 input.
+struct CpuNorm<'a> {
+    norm: &'a Norm,
+    host: &'a (Vec<f32>, Vec<f32>),
+    silu: bool,
+}
+
+impl candle_core::CustomOp1 for CpuNorm<'_> {
+    fn name(&self) -> &'static str {
+        "vae-group-norm"
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
+        let x = cpu_slice::<f32>("vae-group-norm", "x", storage, layout)?;
+        let dims = layout.dims();
+        let (batch, channels) = (dims[0], dims[1]);
+        if channels != self.host.0.len() || channels % self.norm.groups != 0 {
+            candle_core::bail!("vae-group-norm: {channels} channels, expected {}", self.host.0.len());
+        }
+        let spatial = dims[2..].iter().product();
+        let (weight, bias) = (&self.host.0, &self.host.1);
+        let out = crate::cpu_norm::group_norm(
+            x,
+            [batch, channels, spatial],
+            self.norm.groups,
+            weight,
+            bias,
+            NORM_EPS,
+            self.silu,
+        );
+        Ok((CpuStorage::F32(out), layout.shape().clone()))
+    }
+}
+
 /// A 3x3 convolution with padding 1 (`[B, cin, H, W] -> [B, cout, H, W]`) under `vb`'s prefix.
 pub(super) fn conv3x3(cin: usize, cout: usize, vb: VarBuilder) -> Result<Conv> {
     let geometry = ConvGeometry { kernel: 3, stride: 1, pad_before: 1, pad_after: 1, upsample: false };
@@ -96,9 +175,9 @@ pub(super) fn conv3x3(cin: usize, cout: usize, vb: VarBuilder) -> Result<Conv> {
 /// `[B, cin, H, W] -> [B, cout, H, W]`.
 #[derive(Debug, Clone)]
 pub struct ResnetBlock {
-    norm1: GroupNorm,
+    norm1: Norm,
     conv1: Conv,
-    norm2: GroupNorm,
+    norm2: Norm,
     conv2: Conv,
     conv_shortcut: Option<Conv>,
 }
@@ -117,9 +196,9 @@ impl ResnetBlock {
             Some(Conv::load(cin, cout, one, vb.pp("conv_shortcut"))?)
         };
         Ok(Self {
-            norm1: group_norm(groups, cin, NORM_EPS, vb.pp("norm1"))?,
+            norm1: Norm::load(groups, cin, vb.pp("norm1"))?,
             conv1: conv3x3(cin, cout, vb.pp("conv1"))?,
-            norm2: group_norm(groups, cout, NORM_EPS, vb.pp("norm2"))?,
+            norm2: Norm::load(groups, cout, vb.pp("norm2"))?,
             conv2: conv3x3(cout, cout, vb.pp("conv2"))?,
             conv_shortcut,
         })
@@ -128,8 +207,8 @@ impl ResnetBlock {
 
 impl Module for ResnetBlock {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let h = self.conv1.forward(&self.norm1.forward(x)?.silu()?)?;
-        let h = self.conv2.forward(&self.norm2.forward(&h)?.silu()?)?;
+        let h = self.conv1.forward(&self.norm1.forward(x, true)?)?;
+        let h = self.conv2.forward(&self.norm2.forward(&h, true)?)?;
         match &self.conv_shortcut {
             Some(shortcut) => shortcut.forward(x)? + h,
             None => x + h,
@@ -142,7 +221,7 @@ impl Module for ResnetBlock {
 /// softmax(q k^T / sqrt(C)) v over the `H*W` positions, plus the input. `[B, C, H, W]` in and out.
 #[derive(Debug, Clone)]
 pub struct AttentionBlock {
-    group_norm: GroupNorm,
+    group_norm: Norm,
     to_q: Linear,
     to_k: Linear,
     to_v: Linear,
@@ -157,7 +236,7 @@ impl AttentionBlock {
     /// A missing or mis-shaped tensor (the error names it), or groups not dividing `channels`.
     pub fn load(channels: usize, groups: usize, vb: VarBuilder) -> Result<Self> {
         Ok(Self {
-            group_norm: group_norm(groups, channels, NORM_EPS, vb.pp("group_norm"))?,
+            group_norm: Norm::load(groups, channels, vb.pp("group_norm"))?,
             to_q: linear(channels, channels, vb.pp("to_q"))?,
             to_k: linear(channels, channels, vb.pp("to_k"))?,
             to_v: linear(channels, channels, vb.pp("to_v"))?,
@@ -170,10 +249,18 @@ impl AttentionBlock {
 impl Module for AttentionBlock {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let (b, c, h, w) = x.dims4()?;
-        let tokens = self.group_norm.forward(x)?.reshape((b, c, h * w))?.transpose(1, 2)?.contiguous()?;
+        let tokens = self.group_norm.forward(x, false)?.reshape((b, c, h * w))?.transpose(1, 2)?.contiguous()?;
         let q = self.to_q.forward(&tokens)?;
         let k = self.to_k.forward(&tokens)?;
         let v = self.to_v.forward(&tokens)?;
+        if x.device().is_cpu() && x.dtype() == DType::F32 {
+            // This crate's flash attention: one head of D = C, scale 1/sqrt(C).
+            let heads = |t: &Tensor| t.reshape((b, 1, h * w, c));
+            let config = crate::attention::AttentionConfig::default();
+            let attended = crate::candle_ops::attention(&heads(&q)?, &heads(&k)?, &heads(&v)?, None, None, &config)?;
+            let out = self.to_out.forward(&attended.reshape((b, h * w, c))?)?;
+            return out.transpose(1, 2)?.reshape((b, c, h, w))? + x;
+        }
         let scores = (q.matmul(&k.t()?)? * (1.0 / (self.channels as f64).sqrt()))?;
         let probs = match scores.dtype() {
             DType::F16 | DType::BF16 => {

@@ -16,11 +16,11 @@ pub mod blocks;
 mod config;
 
 use candle_core::{Module, Result, Tensor};
-use candle_nn::{group_norm, GroupNorm, VarBuilder};
+use candle_nn::VarBuilder;
 
 pub use config::{VaeConfig, NORM_EPS};
 
-use self::blocks::{conv3x3, Conv, Downsample, MidBlock, ResnetBlock, Upsample};
+use self::blocks::{conv3x3, Conv, Downsample, MidBlock, Norm, ResnetBlock, Upsample};
 use crate::candle_ops::candle_error;
 use crate::error::FapeError;
 
@@ -50,7 +50,7 @@ struct Encoder {
     conv_in: Conv,
     down_blocks: Vec<Level<Downsample>>,
     mid_block: MidBlock,
-    conv_norm_out: GroupNorm,
+    conv_norm_out: Norm,
     conv_out: Conv,
 }
 
@@ -74,7 +74,7 @@ impl Encoder {
             conv_in: conv3x3(cfg.in_channels, ch[0], vb.pp("conv_in"))?,
             down_blocks,
             mid_block: MidBlock::load(last, groups, vb.pp("mid_block"))?,
-            conv_norm_out: group_norm(groups, last, NORM_EPS, vb.pp("conv_norm_out"))?,
+            conv_norm_out: Norm::load(groups, last, vb.pp("conv_norm_out"))?,
             conv_out: conv3x3(last, 2 * cfg.latent_channels, vb.pp("conv_out"))?,
         })
     }
@@ -87,7 +87,7 @@ impl Module for Encoder {
             x = level.forward(&x)?;
         }
         let x = self.mid_block.forward(&x)?;
-        self.conv_out.forward(&self.conv_norm_out.forward(&x)?.silu()?)
+        self.conv_out.forward(&self.conv_norm_out.forward(&x, true)?)
     }
 }
 
@@ -97,7 +97,7 @@ struct Decoder {
     conv_in: Conv,
     mid_block: MidBlock,
     up_blocks: Vec<Level<Upsample>>,
-    conv_norm_out: GroupNorm,
+    conv_norm_out: Norm,
     conv_out: Conv,
 }
 
@@ -121,7 +121,7 @@ impl Decoder {
             conv_in: conv3x3(cfg.latent_channels, last, vb.pp("conv_in"))?,
             mid_block: MidBlock::load(last, groups, vb.pp("mid_block"))?,
             up_blocks,
-            conv_norm_out: group_norm(groups, ch[0], NORM_EPS, vb.pp("conv_norm_out"))?,
+            conv_norm_out: Norm::load(groups, ch[0], vb.pp("conv_norm_out"))?,
             conv_out: conv3x3(ch[0], cfg.in_channels, vb.pp("conv_out"))?,
         })
     }
@@ -133,7 +133,7 @@ impl Module for Decoder {
         for level in &self.up_blocks {
             x = level.forward(&x)?;
         }
-        self.conv_out.forward(&self.conv_norm_out.forward(&x)?.silu()?)
+        self.conv_out.forward(&self.conv_norm_out.forward(&x, true)?)
     }
 }
 
