@@ -124,6 +124,7 @@ pub fn run(args: Args) -> Result<()> {
     table
         .notes
         .push("shape BxHxLqxLkxD; CUDA rows bf16 on device-resident inputs, host rows f32 through the host API".into());
+    #[cfg_attr(not(feature = "cuda"), allow(unused_variables))] // `plan` times the CUDA rows
     let (plan, host_plan) = match args.runs {
         Some(runs) => {
             let exact = BenchPlan {
