@@ -11,11 +11,15 @@ pub mod backend;
 pub mod bench;
 pub mod candle_ops;
 pub mod check;
+mod cpu_conv;
+pub mod cpu_gemm;
+mod cpu_norm;
 pub mod error;
 pub mod freq;
 pub mod io;
 pub mod lora_moe;
 pub mod pipeline;
+mod simd;
 pub mod tensor;
 pub mod testing;
 

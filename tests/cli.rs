@@ -340,3 +340,40 @@ fn check_passes_on_the_cpu_backend_and_sums_up_each_backend() {
     let last = stdout.lines().rev().take(3).collect::<Vec<_>>();
     assert!(last.iter().any(|l| l.starts_with("cpu: ")), "the summary ends the output:\n{stdout}");
 }
+
+#[test]
+fn bench_runs_any_shape_on_the_cpu_and_prints_json_rows() {
+    let cases: [(&str, &str, &str); 3] = [
+        ("attention", "1x2x9x13x6", "1x2x9x13x6"),
+        ("lora-moe", "7x16x12", "7x16x12"),
+        ("freq-split", "1x1x6x10", "1x1x6x10"),
+    ];
+    for (op, shapes, spelled) in cases {
+        let out = fape(&["bench", op, "--device", "cpu", "--shapes", shapes, "--runs", "1", "--json"]);
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(out.status.success(), "{op}: {}", String::from_utf8_lossy(&out.stderr));
+        let rows: Vec<serde_json::Value> =
+            stdout.lines().map(|l| serde_json::from_str(l).expect("one JSON object per line")).collect();
+        assert!(!rows.is_empty(), "{op}: no rows");
+        for row in &rows {
+            assert_eq!(row["shape"], spelled, "{op}: {row}");
+            assert_eq!((row["backend"].as_str(), row["emulated"].as_bool()), (Some("cpu"), Some(false)), "{row}");
+            assert!(row["median_s"].as_f64().is_some_and(|t| t > 0.0) && row["runs"] == 1, "{row}");
+            assert!(row["op"].is_string() && row["variant"].is_string(), "{row}");
+        }
+    }
+    // The text table prints times and rates with units that fit.
+    let out = fape(&["bench", "attention", "--device", "cpu", "--shapes", "1x1x8x8", "--runs", "1"]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success() && stdout.contains("1x1x8x8x8"), "{stdout}");
+    assert!(!stdout.contains(" 0.0 "), "a zero rate or time in:\n{stdout}");
+}
+
+#[test]
+fn bench_rejects_a_malformed_shape_with_one_line() {
+    for (op, bad) in
+        [("attention", "1x2x3"), ("lora-moe", "1024x3072"), ("freq-split", "1x3x0x8"), ("attention", "axb")]
+    {
+        assert_bad_input(&fape(&["bench", op, "--device", "cpu", "--shapes", bad]), &["shapes", bad]);
+    }
+}

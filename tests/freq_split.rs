@@ -313,6 +313,37 @@ fn every_available_backend_matches_reference_or_reports_unsupported() {
 }
 
 #[test]
+fn cpu_pairs_images_without_mixing_them() {
+    // The CPU backend transforms two images at once: odd and even image counts, images 1e3 and
+    // 1e-2 in size in one pair (each checked on its own), and a NaN or infinity in the second
+    // image of a pair (which then goes alone and must not reach the first).
+    let shape = [1, 3, 17, 12];
+    let mut x = random_image(8, &shape);
+    let pixels = 17 * 12;
+    x[..pixels].iter_mut().for_each(|v| *v *= 1e3);
+    x[pixels..2 * pixels].iter_mut().for_each(|v| *v *= 1e-2);
+    let config = FreqSplitConfig { mask: MaskKind::Gaussian, ..FreqSplitConfig::default() };
+    let got = on_device(&Device::Cpu, &x, &shape, &config);
+    let expected = reference(&x, &shape, &config);
+    for image in 0..3 {
+        let part = image * pixels..(image + 1) * pixels;
+        let tol = tolerance_f32(17, 12);
+        assert_close(&format!("image {image} low"), &got.low.data[part.clone()], &expected.low.data[part.clone()], tol);
+        assert_close(&format!("image {image} high"), &got.high.data[part.clone()], &expected.high.data[part], tol);
+        let bands = image * 5..(image + 1) * 5;
+        let (g, e) = (&got.band_energy.data[bands.clone()], &expected.band_energy.data[bands]);
+        assert_close(&format!("image {image} band_energy"), g, e, BAND_ENERGY_TOLERANCE);
+    }
+    for bad in [f32::NAN, f32::INFINITY] {
+        let mut x = random_image(9, &[1, 2, 6, 5]);
+        x[30 + 7] = bad;
+        let out = on_device(&Device::Cpu, &x, &[1, 2, 6, 5], &FreqSplitConfig::default());
+        assert!(out.low.data[..30].iter().all(|v| v.is_finite()), "{bad}: the first image is untouched");
+        assert!(out.low.data[30..].iter().any(|v| !v.is_finite()), "{bad}: reaches its own image");
+    }
+}
+
+#[test]
 fn nan_in_x_propagates_without_panicking_on_host_backends() {
     let shape = [2, 1, 5, 6];
     let mut x = random_image(4, &shape);

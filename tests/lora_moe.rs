@@ -119,6 +119,28 @@ fn cpu_matches_reference_on_awkward_shapes() {
 }
 
 #[test]
+fn cpu_matches_reference_with_guidance_without_bias_and_long_filters() {
+    // Guidance (the router's separate GEMM), no bias (no ones column), filters longer than the
+    // sequence and token counts across the energy blocks of 16.
+    let cases =
+        [(2, 17, 40, 24, 2, 8, 12, false, 9), (1, 5, 33, 7, 3, 4, 33, true, 21), (3, 33, 16, 40, 2, 2, 5, false, 1)];
+    for (seed, (b, t, d, n, e, r, dg, bias, taps)) in cases.into_iter().enumerate() {
+        let p = LoraMoeTensors::random(
+            10 + seed as u64,
+            LoraMoeDims { batch: b, tokens: t, d, n, experts: e, rank: r, dg },
+            bias,
+        );
+        let bands: Vec<Band> = (0..e).map(|i| [Band::High, Band::Full, Band::Low][i % 3]).collect();
+        let cfg = LoraMoeConfig { taps, ..config(&bands) };
+        let got = lora_moe::lora_moe(&Device::Cpu, &p.inputs(), &cfg).unwrap();
+        let expected = reference::lora_moe(&p.inputs(), &cfg).unwrap();
+        let what = format!("cpu y B{b} T{t} d{d} n{n} E{e} r{r} dg{dg} bias {bias} taps {taps}");
+        assert_close(&what, &got.y.data, &expected.y.data, TOLERANCE_F32);
+        assert_close(&format!("{what} gates"), &got.gates.data, &expected.gates.data, TOLERANCE_F32);
+    }
+}
+
+#[test]
 fn nan_in_x_propagates_without_crash() {
     let mut p = random(5, 2, 9, 8, 4, 2, 2);
     p.x.data[3] = f32::NAN;

@@ -1,144 +1,146 @@
-//! The fast f32 CPU attention: norms, RoPE and the scale are applied once to `q` and `k`
-//! ([`prepare_rows`]); each head's keys and values are packed into panels; then rayon runs over
-//! (batch, head, block of query rows). A block keeps its `[rows, Lk]` scores only, so memory
-//! beyond the inputs is `O(BLOCK_ROWS * Lk)` per task. Scores and outputs both come from one
-//! register-tiled micro-kernel ([`tile`]) that reads each key/value panel once per block.
-
-use std::borrow::Cow;
+//! The fast f32 CPU attention: rayon over (batch, head), each head's keys prepared (RMSNorm,
+//! RoPE) and packed with its values once ([`PackedHead`]), then rayon over blocks of query rows,
+//! each prepared and scaled as it starts and run as a blocked flash attention
+//! ([`super::flash`]) on the SIMD level picked at run time ([`Isa::detect`]). Memory beyond the
+//! inputs and the output is one packed head per task and `O(block rows * (KEY_BLOCK + D))` per
+//! block.
 
 use rayon::prelude::*;
 
-use super::reference::prepare_rows;
+use super::flash::{Block, Layout, PackedHead, RowPrep};
 use super::{AttentionDims, AttentionInputs};
+use crate::simd::Isa;
 use crate::tensor::Tensor;
 
-/// Query rows per parallel task: a multiple of [`GROUP`].
-const BLOCK_ROWS: usize = 32;
-
-/// Query rows that share each load of keys and values in [`tile`].
-const GROUP: usize = 4;
-
-/// Keys (for scores) or value columns (for outputs) per packed panel in [`tile`].
-const PANEL: usize = 8;
-
-/// Attention of validated f32 `inputs` with extents `dims` and the resolved `scale`;
-/// returns `out` `[B,H,Lq,D]`.
+/// Attention of validated f32 `inputs` with extents `dims` and the resolved `scale`, on the
+/// best SIMD level here; returns `out` `[B,H,Lq,D]`.
 pub(super) fn attention(inputs: &AttentionInputs<'_, f32>, dims: AttentionDims, scale: f64) -> Tensor<f32> {
+    attention_on(Isa::detect(), inputs, dims, scale)
+}
+
+/// [`attention`] on the SIMD level `isa` (or the best one below it this CPU runs).
+pub(super) fn attention_on(
+    isa: Isa,
+    inputs: &AttentionInputs<'_, f32>,
+    dims: AttentionDims,
+    scale: f64,
+) -> Tensor<f32> {
     let d = dims.head_dim;
+    let layout = Layout::new(isa, d);
     let rope = inputs.rope().map(|(c, s)| (c.data(), s.data()));
-    let q: Vec<f32> = prepare_rows(inputs.q.data(), dims.q_len, d, inputs.q_norm.map(|w| w.data()), rope, scale);
-    let k: Cow<'_, [f32]> = match (inputs.k_norm, rope) {
-        (None, None) => Cow::Borrowed(inputs.k.data()),
-        (norm, _) => Cow::Owned(prepare_rows(inputs.k.data(), dims.k_len, d, norm.map(|w| w.data()), rope, 1.0)),
-    };
-    let (q_head, kv_head) = (dims.q_len * d, dims.k_len * d);
-    let mut out = vec![0.0f32; q.len()];
+    let q_prep = RowPrep { norm: inputs.q_norm.map(|w| w.data()), rope, factor: scale };
+    let k_prep = RowPrep { norm: inputs.k_norm.map(|w| w.data()), rope, factor: 1.0 };
+    let (q_head, kv_head, block_rows) = (dims.q_len * d, dims.k_len * d, layout.block_rows);
+    let mut out = vec![0.0f32; inputs.q.data().len()];
     out.par_chunks_mut(q_head)
-        .zip(q.par_chunks(q_head))
-        .zip(k.par_chunks(kv_head).zip(inputs.v.data().par_chunks(kv_head)))
+        .zip(inputs.q.data().par_chunks(q_head))
+        .zip(inputs.k.data().par_chunks(kv_head).zip(inputs.v.data().par_chunks(kv_head)))
         .for_each(|((out_head, q_head), (k_head, v_head))| {
-            let head = PackedHead::new(k_head, v_head, d);
+            let head = PackedHead::new(k_head, v_head, &k_prep, layout);
             out_head
-                .par_chunks_mut(BLOCK_ROWS * d)
-                .zip(q_head.par_chunks(BLOCK_ROWS * d))
-                .for_each(|(out_block, q_block)| head.attend(q_block, out_block));
+                .par_chunks_mut(block_rows * d)
+                .zip(q_head.par_chunks(block_rows * d))
+                .enumerate()
+                .for_each(|(b, (out, q))| isa.run(Block { head: &head, q, first: b * block_rows, prep: &q_prep, out }));
         });
     Tensor { data: out, shape: inputs.q.shape().to_vec() }
 }
 
-/// One head's keys and values in the panel layout [`tile`] reads.
-struct PackedHead {
-    /// `ceil(Lk/PANEL)` panels of `D` entries: entry `e` of panel `p` holds `k[p*PANEL + l][e]`.
-    keys: Vec<[f32; PANEL]>,
-    /// `ceil(D/PANEL)` panels of `Lk` entries: entry `j` of panel `p` holds `v[j][p*PANEL + l]`.
-    values: Vec<[f32; PANEL]>,
-    head_dim: usize,
-    k_len: usize,
-}
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::attention::{reference, rope_tables, AttentionConfig, OP, TOLERANCE_F32};
+    use crate::testing::{assert_close, rng, uniform};
+    use crate::View;
 
-impl PackedHead {
-    /// Packs `k`, `v` `[Lk,D]`.
-    fn new(k: &[f32], v: &[f32], head_dim: usize) -> Self {
-        let k_len = k.len() / head_dim;
-        Self {
-            keys: pack(k_len, head_dim, |e, j| k[j * head_dim + e]),
-            values: pack(head_dim, k_len, |j, e| v[j * head_dim + e]),
-            head_dim,
-            k_len,
+    /// Every SIMD level this CPU runs (each at least once: `Isa::run` falls back otherwise).
+    fn levels() -> Vec<Isa> {
+        Isa::ALL.into_iter().filter(|i| i.is_available()).collect()
+    }
+
+    /// Each level against the f64 reference at `[b,h,lq,lk,d]`, inputs scaled by `magnitude`,
+    /// with norms and RoPE when `extras` (D even).
+    fn check(shape: [usize; 5], extras: bool, magnitude: f32, scale: Option<f64>) {
+        let [b, h, lq, lk, d] = shape;
+        let mut g = rng((b * 7 + h * 5 + lq * 3 + lk + d) as u64);
+        let mut random =
+            |n: usize| -> Vec<f32> { uniform(&mut g, n, -1.0, 1.0).iter().map(|x| x * magnitude).collect() };
+        let (q, k, v) = (random(b * h * lq * d), random(b * h * lk * d), random(b * h * lk * d));
+        let norm: Vec<f32> = random(d).iter().map(|x| 1.0 + 0.5 * x / magnitude).collect();
+        let (q_shape, kv_shape, norm_shape) = ([b, h, lq, d], [b, h, lk, d], [d]);
+        let mut inputs = AttentionInputs::new(
+            View::new(OP, "q", &q, &q_shape).expect("q"),
+            View::new(OP, "k", &k, &kv_shape).expect("k"),
+            View::new(OP, "v", &v, &kv_shape).expect("v"),
+        );
+        let tables = extras.then(|| rope_tables(lq.max(lk), d).expect("rope"));
+        if let Some((cos, sin)) = &tables {
+            let n = View::new(OP, "q_norm", &norm, &norm_shape).expect("norm");
+            inputs = inputs.with_norms(n, n).with_rope(cos.view(), sin.view());
+        }
+        let config = AttentionConfig { scale };
+        let dims = inputs.validate().expect("valid");
+        let expected = reference::attention(&inputs, &config).expect("reference");
+        for isa in levels() {
+            let got = attention_on(isa, &inputs, dims, config.scale_for(d));
+            let what = format!("{} {shape:?} extras {extras} magnitude {magnitude} scale {scale:?}", isa.name());
+            assert_close(&what, &got.data, &expected.data, TOLERANCE_F32);
         }
     }
 
-    /// Attention of pre-scaled query rows `q` `[rows,D]` (`rows <= BLOCK_ROWS`) over this head;
-    /// writes `out` `[rows,D]`.
-    fn attend(&self, q: &[f32], out: &mut [f32]) {
-        let (d, k_len) = (self.head_dim, self.k_len);
-        let queries: Vec<Vec<[f32; GROUP]>> = q.chunks(GROUP * d).map(|g| interleave(g, d)).collect();
-        // Scores, then softmax numerators, of each group of query rows: `[Lk][GROUP]`.
-        let mut weights = vec![vec![[0.0f32; GROUP]; k_len]; queries.len()];
-        for (p, panel) in self.keys.chunks_exact(d).enumerate() {
-            for (query, weight) in queries.iter().zip(&mut weights) {
-                let scores = tile(query, panel);
-                for (l, w) in weight[p * PANEL..].iter_mut().take(PANEL).enumerate() {
-                    *w = std::array::from_fn(|n| scores[n][l]);
+    #[test]
+    fn every_level_matches_the_reference_at_awkward_shapes() {
+        // D below, at and across the vector widths; Lq across block rows (16, 64); Lk across key
+        // panels (6) and key blocks (120), shorter and longer than Lq.
+        for (shape, extras) in [
+            ([1, 1, 1, 1, 1], false),
+            ([2, 3, 5, 7, 3], false),
+            ([1, 2, 17, 121, 8], true),
+            ([2, 1, 65, 13, 15], false),
+            ([1, 2, 64, 241, 16], true),
+            ([1, 1, 130, 250, 33], false),
+            ([1, 3, 33, 1, 130], true),
+            ([1, 2, 100, 37, 30], true),
+        ] {
+            check(shape, extras, 1.0, None);
+        }
+        check([1, 2, 40, 130, 24], true, 1.0, Some(-0.7));
+    }
+
+    #[test]
+    fn every_level_keeps_huge_scores_finite() {
+        // Scores of order 1e4 (inputs times 100, no norms): the max subtraction keeps exp in range.
+        check([1, 2, 37, 253, 64], false, 100.0, None);
+        check([1, 1, 20, 130, 17], false, 100.0, Some(1.0));
+    }
+
+    #[test]
+    fn a_nan_query_row_stays_in_its_row_on_every_level() {
+        let (lq, lk, d) = (70, 50, 20);
+        let mut q = uniform(&mut rng(9), lq * d, -1.0, 1.0);
+        let kv = uniform(&mut rng(10), lk * d, -1.0, 1.0);
+        let (q_shape, kv_shape) = ([1, 1, lq, d], [1, 1, lk, d]);
+        let dims = AttentionDims { batch: 1, heads: 1, q_len: lq, k_len: lk, head_dim: d };
+        let run = |isa: Isa, q: &[f32]| {
+            let inputs = AttentionInputs::new(
+                View::new(OP, "q", q, &q_shape).expect("q"),
+                View::new(OP, "k", &kv, &kv_shape).expect("k"),
+                View::new(OP, "v", &kv, &kv_shape).expect("v"),
+            );
+            attention_on(isa, &inputs, dims, 0.3).data
+        };
+        for isa in levels() {
+            let clean = run(isa, &q);
+            q[67 * d + 5] = f32::NAN;
+            let poisoned = run(isa, &q);
+            q[67 * d + 5] = 0.5;
+            for (r, (a, b)) in clean.chunks(d).zip(poisoned.chunks(d)).enumerate() {
+                if r == 67 {
+                    assert!(b.iter().all(|x| x.is_nan()), "{}: row {r} should be NaN", isa.name());
+                } else {
+                    assert_eq!(a, b, "{}: row {r} changed", isa.name());
                 }
             }
         }
-        let inverse_totals: Vec<[f32; GROUP]> = weights.iter_mut().map(|w| softmax_numerators(w)).collect();
-        let mut out_groups: Vec<&mut [f32]> = out.chunks_mut(GROUP * d).collect();
-        for (p, panel) in self.values.chunks_exact(k_len).enumerate() {
-            for ((weight, inv), out_group) in weights.iter().zip(&inverse_totals).zip(&mut out_groups) {
-                let sums = tile(weight, panel);
-                for (n, out_row) in out_group.chunks_exact_mut(d).enumerate() {
-                    for (l, o) in out_row[p * PANEL..].iter_mut().take(PANEL).enumerate() {
-                        *o = sums[n][l] * inv[n];
-                    }
-                }
-            }
-        }
     }
-}
-
-/// Panels of `PANEL` lanes over `0..lanes`, each with `entries` entries: lane `l` of entry `t`
-/// of panel `p` is `at(t, p*PANEL + l)`, zero past `lanes`.
-fn pack(lanes: usize, entries: usize, at: impl Fn(usize, usize) -> f32) -> Vec<[f32; PANEL]> {
-    let panels = lanes.div_ceil(PANEL);
-    (0..panels * entries)
-        .map(|i| {
-            let (p, t) = (i / entries, i % entries);
-            std::array::from_fn(|l| if p * PANEL + l < lanes { at(t, p * PANEL + l) } else { 0.0 })
-        })
-        .collect()
-}
-
-/// Up to `GROUP` rows of length `len` (`rows` `[n,len]`) as `[len][GROUP]`, zero padded.
-fn interleave(rows: &[f32], len: usize) -> Vec<[f32; GROUP]> {
-    (0..len).map(|e| std::array::from_fn(|n| rows.get(n * len + e).copied().unwrap_or(0.0))).collect()
-}
-
-/// The `GROUP x PANEL` product `sum_t a[t][n] * b[t][l]`: the one micro-kernel, with every
-/// accumulator in registers and fixed-size inner loops the compiler vectorises over `l`.
-fn tile(a: &[[f32; GROUP]], b: &[[f32; PANEL]]) -> [[f32; PANEL]; GROUP] {
-    let mut acc = [[0.0f32; PANEL]; GROUP];
-    for (a, b) in a.iter().zip(b) {
-        for (acc, &x) in acc.iter_mut().zip(a) {
-            for (acc, &y) in acc.iter_mut().zip(b) {
-                *acc += x * y;
-            }
-        }
-    }
-    acc
-}
-
-/// Replaces the scores `[Lk][GROUP]` of a group of rows by `exp(score - row max)` and returns
-/// `1 / sum` per row (NaN stays NaN).
-fn softmax_numerators(scores: &mut [[f32; GROUP]]) -> [f32; GROUP] {
-    let max = scores.iter().fold([f32::NEG_INFINITY; GROUP], |m, s| std::array::from_fn(|n| m[n].max(s[n])));
-    let mut total = [0.0f32; GROUP];
-    for s in scores.iter_mut() {
-        for ((s, m), t) in s.iter_mut().zip(max).zip(&mut total) {
-            *s = (*s - m).exp();
-            *t += *s;
-        }
-    }
-    total.map(|t| 1.0 / t)
 }

@@ -25,6 +25,7 @@ mod cpu;
 mod cube;
 #[cfg(feature = "cuda")]
 mod cuda;
+mod flash;
 #[cfg(feature = "cuda")]
 mod naive;
 pub mod reference;

@@ -1,6 +1,6 @@
 //! The exact f64 reference of attention: the op contract in straightforward loops.
 //!
-//! `prepare_rows` (RMSNorm then RoPE, in f64) is shared with the CPU backend, which stores
+//! `prepare_row` (RMSNorm then RoPE, in f64) is shared with the CPU backend, which stores
 //! its result in f32.
 
 use rayon::prelude::*;
@@ -20,8 +20,8 @@ pub fn attention<T: Real>(inputs: &AttentionInputs<'_, T>, config: &AttentionCon
     config.validate()?;
     let d = dims.head_dim;
     let rope = inputs.rope().map(|(c, s)| (c.data(), s.data()));
-    let q: Vec<f64> = prepare_rows(inputs.q.data(), dims.q_len, d, inputs.q_norm.map(|w| w.data()), rope, 1.0);
-    let k: Vec<f64> = prepare_rows(inputs.k.data(), dims.k_len, d, inputs.k_norm.map(|w| w.data()), rope, 1.0);
+    let q = prepare_rows(inputs.q.data(), dims.q_len, d, inputs.q_norm.map(|w| w.data()), rope);
+    let k = prepare_rows(inputs.k.data(), dims.k_len, d, inputs.k_norm.map(|w| w.data()), rope);
     let v: Vec<f64> = inputs.v.data().iter().map(|x| x.to_f64()).collect();
     let scale = config.scale_for(d);
     let kv_head = dims.k_len * d;
@@ -54,38 +54,43 @@ fn attend_row(q: &[f64], k: &[f64], v: &[f64], scale: f64, out: &mut [f64]) {
     }
 }
 
-/// The rows of `x` (`[B,H,L,D]` with `seq_len` = `L`, `head_dim` = `D`) after the optional
-/// RMSNorm with weight `norm` `[D]` and the optional RoPE `(cos, sin)` `[>=L, D/2]`, times
-/// `factor`: computed in f64 per row, stored as `F`. The shapes must be validated.
-pub(super) fn prepare_rows<T: Real, F: Real>(
+/// The rows of `x` (`[B,H,L,D]` with `seq_len` = `L`, `head_dim` = `D`) after [`prepare_row`].
+/// The shapes must be validated.
+fn prepare_rows<T: Real>(
     x: &[T],
     seq_len: usize,
     head_dim: usize,
     norm: Option<&[T]>,
     rope: Option<(&[T], &[T])>,
-    factor: f64,
-) -> Vec<F> {
-    let mut out = vec![F::from_f64(0.0); x.len()];
-    out.par_chunks_mut(head_dim).zip(x.par_chunks(head_dim)).enumerate().for_each_init(
-        || vec![0.0f64; head_dim],
-        |row, (r, (dst, src))| {
-            for (a, b) in row.iter_mut().zip(src) {
-                *a = b.to_f64();
-            }
-            if let Some(w) = norm {
-                rms_norm(row, w);
-            }
-            if let Some((cos, sin)) = rope {
-                let half = head_dim / 2;
-                let at = (r % seq_len) * half;
-                rotate_pairs(row, &cos[at..at + half], &sin[at..at + half]);
-            }
-            for (a, b) in dst.iter_mut().zip(row.iter()) {
-                *a = F::from_f64(b * factor);
-            }
-        },
-    );
+) -> Vec<f64> {
+    let mut out = vec![0.0; x.len()];
+    out.par_chunks_mut(head_dim).zip(x.par_chunks(head_dim)).enumerate().for_each(|(r, (dst, src))| {
+        prepare_row(src, r % seq_len, norm, rope, dst);
+    });
     out
+}
+
+/// `row` `[D]` = the row `src` `[D]` at sequence position `position` after the optional
+/// RMSNorm with weight `norm` `[D]` and the optional RoPE `(cos, sin)` `[>position, D/2]`,
+/// computed in f64. Shared with the CPU backend, which stores the result in f32.
+pub(super) fn prepare_row<T: Real>(
+    src: &[T],
+    position: usize,
+    norm: Option<&[T]>,
+    rope: Option<(&[T], &[T])>,
+    row: &mut [f64],
+) {
+    for (a, b) in row.iter_mut().zip(src) {
+        *a = b.to_f64();
+    }
+    if let Some(w) = norm {
+        rms_norm(row, w);
+    }
+    if let Some((cos, sin)) = rope {
+        let half = row.len() / 2;
+        let at = position * half;
+        rotate_pairs(row, &cos[at..at + half], &sin[at..at + half]);
+    }
 }
 
 /// `x / sqrt(mean(x^2) + eps) * w`, in place.

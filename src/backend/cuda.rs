@@ -525,6 +525,12 @@ impl CudaDevice {
         )
     }
 
+    /// Whether the device's name carries [`super::EMULATED_DEVICE_MARK`]: the CPU emulator
+    /// of the CUDA libraries, not a GPU.
+    pub fn is_emulated(&self) -> bool {
+        self.name.contains(super::EMULATED_DEVICE_MARK)
+    }
+
     /// This handle with output poisoning on or off (default off). When on, every kernel output
     /// buffer is filled with NaN before the kernel runs, so an element a kernel fails to write
     /// shows up as NaN in a comparison instead of a plausible zero. Clones made afterwards share

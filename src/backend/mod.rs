@@ -15,6 +15,10 @@ use std::str::FromStr;
 
 use crate::error::{FapeError, Result};
 
+/// What the name of a CUDA device that is really the CPU emulator of the CUDA libraries
+/// contains: its times are CPU times (see [`Device::is_emulated`]).
+pub const EMULATED_DEVICE_MARK: &str = "emulated (CPU)";
+
 /// Which backend runs an op.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum DeviceKind {
@@ -113,6 +117,16 @@ impl Device {
             Self::Cube(_) => DeviceKind::Cube,
             #[cfg(feature = "cuda")]
             Self::Cuda(_) => DeviceKind::Cuda,
+        }
+    }
+
+    /// Whether this is a CUDA device whose name carries [`EMULATED_DEVICE_MARK`]: the CPU
+    /// emulator of the CUDA libraries, whose times are not GPU figures.
+    pub fn is_emulated(&self) -> bool {
+        match self {
+            #[cfg(feature = "cuda")]
+            Self::Cuda(d) => d.is_emulated(),
+            _ => false,
         }
     }
 

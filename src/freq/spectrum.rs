@@ -177,9 +177,70 @@ pub(crate) fn split_image<F: FftNum + Real>(
     }
 }
 
+/// Splits two images at once, as [`split_image`] does each, through one complex transform of
+/// `x[0] + i x[1]`: the mask is real and even (`M(k) = M(-k)`), so the inverse transform's real
+/// and imaginary parts are the two low bands; each image's spectrum for the band energies is
+/// `X_0(k) = (Z(k) + conj Z(-k)) / 2`, `X_1(k) = (Z(k) - conj Z(-k)) / 2i`. The inputs must be
+/// finite (a NaN or infinity would reach the other image).
+pub(crate) fn split_pair<F: FftNum + Real>(
+    plans: &Plans<F>,
+    map: &SpectralMap<F>,
+    ws: &mut Workspace<F>,
+    x: [&[F]; 2],
+    low: [&mut [F]; 2],
+    high: [&mut [F]; 2],
+    energy: [&mut [f64]; 2],
+) {
+    let (h, w) = (map.height, map.width);
+    let Workspace { rows, cols, scratch } = ws;
+    for ((c, &a), &b) in rows.iter_mut().zip(x[0]).zip(x[1]) {
+        *c = Complex::new(a, b);
+    }
+    plans.row_forward.process_with_scratch(rows, scratch);
+    transpose(rows, cols, h, w);
+    plans.col_forward.process_with_scratch(cols, scratch);
+
+    let [e0, e1] = energy;
+    e0.fill(0.0);
+    e1.fill(0.0);
+    for kx in 0..w {
+        let mirror_x = (w - kx) % w;
+        for ky in 0..h {
+            let at = kx * h + ky;
+            let Some(band) = map.band.get(at).and_then(|&b| usize::try_from(b).ok()).filter(|&b| b < e0.len()) else {
+                continue;
+            };
+            let (z, m) = (cols[at], cols[mirror_x * h + (h - ky) % h]);
+            let (zr, zi, mr, mi) = (z.re.to_f64(), z.im.to_f64(), m.re.to_f64(), m.im.to_f64());
+            // Z(k) + conj Z(-k) and Z(k) - conj Z(-k), each twice an image's bin.
+            let (sr, si, dr, di) = (zr + mr, zi - mi, zr - mr, zi + mi);
+            e0[band] += 0.25 * (sr * sr + si * si);
+            e1[band] += 0.25 * (dr * dr + di * di);
+        }
+    }
+    let inv_pixels = 1.0 / (h * w) as f64;
+    e0.iter_mut().chain(e1.iter_mut()).for_each(|e| *e *= inv_pixels);
+    for (c, &m) in cols.iter_mut().zip(&map.mask) {
+        *c = *c * m;
+    }
+
+    plans.col_inverse.process_with_scratch(cols, scratch);
+    transpose(cols, rows, w, h);
+    plans.row_inverse.process_with_scratch(rows, scratch);
+    let scale = <F as Real>::from_f64(inv_pixels);
+    let [l0, l1] = low;
+    let [h0, h1] = high;
+    for (i, c) in rows.iter().enumerate() {
+        l0[i] = c.re * scale;
+        l1[i] = c.im * scale;
+        h0[i] = x[0][i] - l0[i];
+        h1[i] = x[1][i] - l1[i];
+    }
+}
+
 /// `dst` (`cols x rows`) = the transpose of `src` (`rows x cols`), in cache-sized tiles.
 fn transpose<T: Copy>(src: &[T], dst: &mut [T], rows: usize, cols: usize) {
-    const TILE: usize = 32;
+    const TILE: usize = 8;
     for r0 in (0..rows).step_by(TILE) {
         for c0 in (0..cols).step_by(TILE) {
             for r in r0..(r0 + TILE).min(rows) {

@@ -1,47 +1,91 @@
 //! The fast f32 CPU path of LoRA-MoE: shrink first (band filters along tokens commute with the
-//! down-projection along features), GEMMs through candle's CPU matmul, images in parallel.
+//! down-projection along features), every product through this crate's GEMM on the input
+//! slices ([`matmul_nt`]: no tensor copies, no transposed or augmented copy of the weights).
+//!
+//! Passes over `x`: the band energies (a row of the low-pass at a time, token blocks in
+//! parallel), one GEMM `x [A_1..A_E; router]^T` for the shrink and the router logits, and the
+//! base GEMM `y = x W^T`; then `y += [u | 1] [B_1..B_E | bias]^T`, a GEMM with `K = E*r + 1`
+//! that adds the LoRA term and the bias in one pass over `y`.
 
-use candle_core::{Device as CandleDevice, Tensor as CandleTensor};
 use rayon::prelude::*;
 
 use super::config::{Band, LoraMoeConfig, LoraMoeDims, LoraMoeInputs, LoraMoeOutput};
 use super::gating::{energy_prior, gate_token};
-use super::lowpass::{filter_tokens, filter_tokens_parallel, gaussian_taps, LowpassDims};
-use crate::error::{FapeError, Result};
+use super::lowpass::{filter_row, filter_tokens, gaussian_taps, LowpassDims};
+use crate::cpu_gemm::matmul_nt;
+use crate::error::Result;
 use crate::tensor::Tensor;
 
-fn candle_err(context: &str) -> impl Fn(candle_core::Error) -> FapeError + '_ {
-    move |e| FapeError::Device { backend: "cpu", context: context.to_string(), message: e.to_string() }
+/// Tokens per parallel task of the band energies.
+const ENERGY_TOKENS: usize = 16;
+
+/// `[sum low^2, sum (x - low)^2, sum x^2]` over one image's entries, in f64.
+type BandSums = [f64; 3];
+
+/// Adds the squares of `low`, `x - low` and `x` (rows of equal length) to `sums`, in f64 with
+/// lane-wise partial sums the compiler vectorises.
+fn add_squares(sums: &mut BandSums, x: &[f32], low: &[f32]) {
+    const LANES: usize = 8;
+    let mut acc = [[0.0f64; LANES]; 3];
+    let (xs, ls) = (x.chunks_exact(LANES), low.chunks_exact(LANES));
+    let tail = xs.remainder().iter().zip(ls.remainder());
+    for (xc, lc) in xs.zip(ls) {
+        for l in 0..LANES {
+            let (a, b) = (f64::from(xc[l]), f64::from(lc[l]));
+            acc[0][l] += b * b;
+            acc[1][l] += (a - b) * (a - b);
+            acc[2][l] += a * a;
+        }
+    }
+    for (&a, &b) in tail {
+        let (a, b) = (f64::from(a), f64::from(b));
+        acc[0][0] += b * b;
+        acc[1][0] += (a - b) * (a - b);
+        acc[2][0] += a * a;
+    }
+    for (sum, acc) in sums.iter_mut().zip(acc) {
+        *sum += acc.iter().sum::<f64>();
+    }
 }
 
-/// `a [m,k] · b[rows,k]^T -> [m,rows]` through candle's multithreaded CPU GEMM.
-fn matmul_nt(a: &[f32], m: usize, k: usize, b: &[f32], rows: usize) -> Result<Vec<f32>> {
-    let err = candle_err("lora_moe matmul");
-    let cpu = CandleDevice::Cpu;
-    let a = CandleTensor::from_slice(a, (m, k), &cpu).map_err(&err)?;
-    let b = CandleTensor::from_slice(b, (rows, k), &cpu).map_err(&err)?;
-    a.matmul(&b.t().map_err(&err)?).and_then(|c| c.flatten_all()).and_then(|c| c.to_vec1::<f32>()).map_err(&err)
-}
-
-/// Mean of squares of one image's band, in f64.
-fn band_energy(band: Band, x: &[f32], low: &[f32]) -> f64 {
-    let sum: f64 = match band {
-        Band::Low => low.iter().map(|&v| (v as f64) * (v as f64)).sum(),
-        Band::High => x.iter().zip(low).map(|(&a, &b)| (a as f64 - b as f64).powi(2)).sum(),
-        Band::Full => x.iter().map(|&v| (v as f64) * (v as f64)).sum(),
-    };
-    sum / x.len() as f64
-}
-
-/// Per-image band-energy priors `[B][E]`.
+/// Per-image band-energy priors `[B][E]`: the low-pass of `x` one row at a time (never stored
+/// whole), blocks of [`ENERGY_TOKENS`] tokens in parallel, summed per image in block order.
 fn priors(x: &[f32], dims: &LoraMoeDims, bands: &[Band], h: &[f64]) -> Vec<Vec<f64>> {
-    let lowpass_dims = LowpassDims { batch: dims.batch, tokens: dims.tokens, channels: dims.d };
-    let low = filter_tokens_parallel(x, lowpass_dims, h);
-    let per_image = dims.tokens * dims.d;
-    x.par_chunks(per_image)
-        .zip(low.par_chunks(per_image))
-        .map(|(xb, lb)| {
-            let energies: Vec<f64> = bands.iter().map(|&band| band_energy(band, xb, lb)).collect();
+    let (tokens, d) = (dims.tokens, dims.d);
+    let hf: Vec<f32> = h.iter().map(|&w| w as f32).collect();
+    let blocks = tokens.div_ceil(ENERGY_TOKENS);
+    let partial: Vec<BandSums> = (0..dims.batch * blocks)
+        .into_par_iter()
+        .map_init(
+            || vec![0.0f32; d],
+            |low, block| {
+                let image = &x[block / blocks * tokens * d..][..tokens * d];
+                let first = block % blocks * ENERGY_TOKENS;
+                let mut sums = [0.0; 3];
+                for t in first..(first + ENERGY_TOKENS).min(tokens) {
+                    filter_row(image, t, &hf, low);
+                    add_squares(&mut sums, &image[t * d..][..d], low);
+                }
+                sums
+            },
+        )
+        .collect();
+    let entries = (tokens * d) as f64;
+    partial
+        .chunks(blocks)
+        .map(|image| {
+            let sums = image.iter().fold([0.0; 3], |a, s| [a[0] + s[0], a[1] + s[1], a[2] + s[2]]);
+            let energies: Vec<f64> = bands
+                .iter()
+                .map(|band| {
+                    let sum = match band {
+                        Band::Low => sums[0],
+                        Band::High => sums[1],
+                        Band::Full => sums[2],
+                    };
+                    sum / entries
+                })
+                .collect();
             energy_prior(&energies)
         })
         .collect()
@@ -67,6 +111,35 @@ fn filter_shrunk(s: &mut [f32], dims: &LoraMoeDims, bands: &[Band], h: &[f64]) {
     });
 }
 
+/// `x A_cat^T` `[B*T, E*r]` and the router logits `[B*T, E]`: one GEMM over `x` against the
+/// stacked `[A_1..A_E; router]` when the router reads `x`, two otherwise.
+fn shrink_and_logits(inputs: &LoraMoeInputs<'_, f32>, dims: &LoraMoeDims) -> (Vec<f32>, Vec<f32>) {
+    let (rows, width, experts, d) = (dims.batch * dims.tokens, dims.experts * dims.rank, dims.experts, dims.d);
+    let (x, lora_a, router) = (inputs.x.data(), inputs.lora_a.data(), inputs.router.data());
+    let mut shrunk = vec![0.0; rows * width];
+    let mut logits = vec![0.0; rows * experts];
+    match inputs.guidance {
+        Some(g) => {
+            matmul_nt(&mut shrunk, false, x, lora_a, rows, d, width);
+            matmul_nt(&mut logits, false, g.data(), router, rows, dims.dg, experts);
+        }
+        None => {
+            let stacked = [lora_a, router].concat();
+            let mut both = vec![0.0; rows * (width + experts)];
+            matmul_nt(&mut both, false, x, &stacked, rows, d, width + experts);
+            for ((row, s), l) in both
+                .chunks_exact(width + experts)
+                .zip(shrunk.chunks_exact_mut(width))
+                .zip(logits.chunks_exact_mut(experts))
+            {
+                s.copy_from_slice(&row[..width]);
+                l.copy_from_slice(&row[width..]);
+            }
+        }
+    }
+    (shrunk, logits)
+}
+
 /// The LoRA-MoE layer in f32 on the CPU, `dims` from [`LoraMoeInputs::validate`]. Shapes as
 /// [`super::reference::lora_moe`].
 pub(crate) fn lora_moe(
@@ -75,12 +148,11 @@ pub(crate) fn lora_moe(
     config: &LoraMoeConfig,
 ) -> Result<LoraMoeOutput<f32>> {
     let h = gaussian_taps(config.taps, config.sigma)?;
-    let (rows, width) = (dims.batch * dims.tokens, dims.experts * dims.rank);
+    let (rows, width, n) = (dims.batch * dims.tokens, dims.experts * dims.rank, dims.n);
     let x = inputs.x.data();
 
     let priors = priors(x, &dims, &config.bands, &h);
-    let guidance = inputs.guidance.map_or(x, |g| g.data());
-    let logits = matmul_nt(guidance, rows, dims.dg, inputs.router.data(), dims.experts)?;
+    let (mut shrunk, logits) = shrink_and_logits(inputs, &dims);
     let gates: Vec<f64> = logits
         .par_chunks(dims.experts)
         .enumerate()
@@ -90,41 +162,36 @@ pub(crate) fn lora_moe(
             g
         })
         .collect();
-
-    let mut shrunk = matmul_nt(x, rows, dims.d, inputs.lora_a.data(), width)?;
     filter_shrunk(&mut shrunk, &dims, &config.bands, &h);
+
+    // u = scale * gate * band(x A^T), with a column of ones for the bias: [u | 1].
+    let bias = inputs.bias.map(|b| b.data());
+    let k = width + usize::from(bias.is_some());
     let scale = config.scale_for(dims.rank);
-    shrunk.par_chunks_mut(width).zip(gates.par_chunks(dims.experts)).for_each(|(row, g)| {
-        for (e, cols) in row.chunks_mut(dims.rank).enumerate() {
-            let factor = (scale * g[e]) as f32;
-            cols.iter_mut().for_each(|v| *v *= factor);
+    let mut u = vec![1.0f32; rows * k];
+    u.par_chunks_mut(k).zip(shrunk.par_chunks(width)).zip(gates.par_chunks(dims.experts)).for_each(|((u, s), g)| {
+        for ((u, s), g) in u.chunks_mut(dims.rank).zip(s.chunks(dims.rank)).zip(g) {
+            let factor = (scale * g) as f32;
+            u.iter_mut().zip(s).for_each(|(u, s)| *u = s * factor);
+        }
+    });
+    // [B_1 .. B_E | bias] `[n, k]`, from lora_b `[E, n, r]`.
+    let lora_b = inputs.lora_b.data();
+    let mut up = vec![0.0f32; n * k];
+    up.par_chunks_mut(k).enumerate().for_each(|(o, row)| {
+        for (e, cols) in row[..width].chunks_mut(dims.rank).enumerate() {
+            cols.copy_from_slice(&lora_b[(e * n + o) * dims.rank..][..dims.rank]);
+        }
+        if let Some(b) = bias {
+            row[width] = b[o];
         }
     });
 
-    // y = [x | u] · [W | B_1 .. B_E]^T: one GEMM over the augmented K.
-    let k = dims.d + width;
-    let augmented_x: Vec<f32> = x
-        .par_chunks(dims.d)
-        .zip(shrunk.par_chunks(width))
-        .flat_map_iter(|(xr, ur)| xr.iter().chain(ur).copied())
-        .collect();
-    let (weight, lora_b) = (inputs.weight.data(), inputs.lora_b.data());
-    let augmented_w: Vec<f32> = (0..dims.n)
-        .into_par_iter()
-        .flat_map_iter(|o| {
-            let base = weight[o * dims.d..(o + 1) * dims.d].iter().copied();
-            let lora = (0..dims.experts).flat_map(move |e| {
-                lora_b[(e * dims.n + o) * dims.rank..(e * dims.n + o + 1) * dims.rank].iter().copied()
-            });
-            base.chain(lora)
-        })
-        .collect();
-    let mut y = matmul_nt(&augmented_x, rows, k, &augmented_w, dims.n)?;
-    if let Some(bias) = inputs.bias {
-        y.par_chunks_mut(dims.n).for_each(|row| row.iter_mut().zip(bias.data()).for_each(|(v, b)| *v += b));
-    }
+    let mut y = vec![0.0f32; rows * n];
+    matmul_nt(&mut y, false, x, inputs.weight.data(), rows, dims.d, n);
+    matmul_nt(&mut y, true, &u, &up, rows, k, n);
     Ok(LoraMoeOutput {
-        y: Tensor { data: y, shape: vec![dims.batch, dims.tokens, dims.n] },
+        y: Tensor { data: y, shape: vec![dims.batch, dims.tokens, n] },
         gates: Tensor {
             data: gates.into_iter().map(|g| g as f32).collect(),
             shape: vec![dims.batch, dims.tokens, dims.experts],

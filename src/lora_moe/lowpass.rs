@@ -71,27 +71,36 @@ pub(crate) fn filter_tokens<F>(x: &[F], dims: LowpassDims, h: &[f64]) -> Vec<F>
 where
     F: Copy + Default + std::ops::Add<Output = F> + std::ops::Mul<Output = F> + Real,
 {
-    let LowpassDims { batch, tokens, channels } = dims;
-    let half = (h.len() - 1) / 2;
+    let LowpassDims { tokens, channels, .. } = dims;
     let hf: Vec<F> = h.iter().map(|&w| F::from_f64(w)).collect();
     let mut out = vec![F::default(); x.len()];
-    for b in 0..batch {
-        let image = &x[b * tokens * channels..(b + 1) * tokens * channels];
-        let dst = &mut out[b * tokens * channels..(b + 1) * tokens * channels];
-        for t in 0..tokens {
-            let row = &mut dst[t * channels..(t + 1) * channels];
-            for (j, &w) in hf.iter().enumerate() {
-                let Some(src_t) = (t + j).checked_sub(half).filter(|&s| s < tokens) else {
-                    continue;
-                };
-                let src = &image[src_t * channels..(src_t + 1) * channels];
-                for (o, &v) in row.iter_mut().zip(src) {
-                    *o = *o + w * v;
-                }
-            }
+    for (image, dst) in x.chunks(tokens * channels).zip(out.chunks_mut(tokens * channels)) {
+        for (t, row) in dst.chunks_mut(channels).enumerate() {
+            filter_row(image, t, &hf, row);
         }
     }
     out
+}
+
+/// Row `t` of the low-pass of one image `image` `[T, C]` (`C` = `row.len()`) with the taps
+/// `h` as `F`: `row[c] = sum_j h[j] image[t + j - (taps-1)/2][c]`, zero padding, summed in tap
+/// order.
+pub(crate) fn filter_row<F>(image: &[F], t: usize, h: &[F], row: &mut [F])
+where
+    F: Copy + Default + std::ops::Add<Output = F> + std::ops::Mul<Output = F>,
+{
+    let channels = row.len();
+    let tokens = image.len() / channels;
+    let half = (h.len() - 1) / 2;
+    row.fill(F::default());
+    for (j, &w) in h.iter().enumerate() {
+        let Some(src_t) = (t + j).checked_sub(half).filter(|&s| s < tokens) else {
+            continue;
+        };
+        for (o, &v) in row.iter_mut().zip(&image[src_t * channels..][..channels]) {
+            *o = *o + w * v;
+        }
+    }
 }
 
 /// The token low-pass on `device`. `x`: `[B,T,C]` f32; returns `[B,T,C]` f32.
@@ -114,10 +123,19 @@ pub fn token_lowpass(device: &Device, x: View<'_, f32>, taps: usize, sigma: f64)
     Ok(Tensor { data, shape: x.shape().to_vec() })
 }
 
-/// The CPU backend's low-pass: images in parallel.
+/// The CPU backend's low-pass: rows (tokens of every image) in parallel.
 pub(crate) fn filter_tokens_parallel(x: &[f32], dims: LowpassDims, h: &[f64]) -> Vec<f32> {
     use rayon::prelude::*;
-    let per_image = dims.tokens * dims.channels;
-    let one = LowpassDims { batch: 1, ..dims };
-    x.par_chunks(per_image).flat_map_iter(|image| filter_tokens(image, one, h)).collect()
+    let LowpassDims { tokens, channels, .. } = dims;
+    let hf: Vec<f32> = h.iter().map(|&w| w as f32).collect();
+    let mut out = vec![0.0f32; x.len()];
+    out.par_chunks_mut(channels).with_min_len(MIN_ROW_ELEMENTS.div_ceil(channels)).enumerate().for_each(|(r, row)| {
+        let image = r / tokens;
+        filter_row(&x[image * tokens * channels..][..tokens * channels], r % tokens, &hf, row)
+    });
+    out
 }
+
+/// Elements a parallel task of the CPU low-pass filters at least (fewer rows per task would
+/// spend more on scheduling than on filtering).
+pub(crate) const MIN_ROW_ELEMENTS: usize = 16 * 1024;

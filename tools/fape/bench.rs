@@ -1,5 +1,6 @@
 //! `fape bench <op>`: the criterion benches' shapes outside criterion, one table per op with
-//! every variant beside its baseline from the same run (see [`fape_kernels::bench`]).
+//! every variant beside its baseline from the same run (see [`fape_kernels::bench`]); `--json`
+//! prints one object per row instead, and notes go to stderr.
 
 mod attention;
 mod e2e;
@@ -9,7 +10,8 @@ mod lora_moe;
 use std::process::ExitCode;
 
 use clap::{Args, Subcommand};
-use fape_kernels::Result;
+use fape_kernels::bench::BenchTable;
+use fape_kernels::{FapeError, Result};
 
 /// Arguments of `fape bench`.
 #[derive(Args)]
@@ -24,7 +26,7 @@ enum BenchOp {
     LoraMoe(lora_moe::Args),
     /// Frequency split next to the FFT-library baseline; effective bandwidth.
     FreqSplit(freq_split::Args),
-    /// Flash attention next to the naive baseline; TFLOP/s.
+    /// Flash attention next to the naive baseline; FLOP/s.
     Attention(attention::Args),
     /// The whole restoration pipeline, per stage, fused next to reference.
     E2e(e2e::Args),
@@ -42,4 +44,36 @@ pub fn run(args: BenchArgs) -> Result<ExitCode> {
         BenchOp::E2e(a) => e2e::run(a),
     }?;
     Ok(ExitCode::SUCCESS)
+}
+
+/// Prints `table` (as JSON rows when `json`) and then `lines`: on stdout under a text table,
+/// on stderr beside JSON so that stdout stays one object per line.
+fn print_table(table: &BenchTable, json: bool, lines: &[String]) {
+    print!("{}", table.render(json));
+    for line in lines {
+        if json {
+            eprintln!("{line}");
+        } else {
+            println!("{line}");
+        }
+    }
+}
+
+/// The `--shapes` entry `s`: positive integers joined by `x`, as many as one of `ranks`;
+/// `spelling` (such as `TxDxN`) and `example` name the form in the error.
+///
+/// # Errors
+/// [`FapeError::Config`] (field `shapes`) naming `s` when it does not parse.
+fn parse_dims(s: &str, ranks: &[usize], spelling: &str, example: &str) -> Result<Vec<usize>> {
+    let bad = || FapeError::Config {
+        op: "bench",
+        field: "shapes",
+        message: format!("`{s}` is not {spelling} with positive integers (such as {example})"),
+    };
+    let dims: Vec<usize> = s.split('x').map(|p| p.trim().parse().map_err(|_| bad())).collect::<Result<_>>()?;
+    if ranks.contains(&dims.len()) && dims.iter().all(|&d| d > 0) {
+        Ok(dims)
+    } else {
+        Err(bad())
+    }
 }

@@ -133,7 +133,7 @@ pub fn synthetic_note(weights: &WeightsSource) -> Option<String> {
 }
 
 /// A device's name for tables and messages.
-pub fn device_label(device: &Device) -> &'static str {
+fn device_label(device: &Device) -> &'static str {
     if device.is_cpu() {
         "cpu"
     } else {

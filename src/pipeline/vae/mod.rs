@@ -16,11 +16,11 @@ pub mod blocks;
 mod config;
 
 use candle_core::{Module, Result, Tensor};
-use candle_nn::{group_norm, Conv2d, GroupNorm, VarBuilder};
+use candle_nn::VarBuilder;
 
 pub use config::{VaeConfig, NORM_EPS};
 
-use self::blocks::{conv3x3, Downsample, MidBlock, ResnetBlock, Upsample};
+use self::blocks::{conv3x3, Conv, Downsample, MidBlock, Norm, ResnetBlock, Upsample};
 use crate::candle_ops::candle_error;
 use crate::error::FapeError;
 
@@ -47,11 +47,11 @@ impl<S: Module> Module for Level<S> {
 /// `[B, in_channels, H, W] -> [B, 2 * latent_channels, H/f, W/f]` (mean and log-variance).
 #[derive(Debug, Clone)]
 struct Encoder {
-    conv_in: Conv2d,
+    conv_in: Conv,
     down_blocks: Vec<Level<Downsample>>,
     mid_block: MidBlock,
-    conv_norm_out: GroupNorm,
-    conv_out: Conv2d,
+    conv_norm_out: Norm,
+    conv_out: Conv,
 }
 
 impl Encoder {
@@ -74,7 +74,7 @@ impl Encoder {
             conv_in: conv3x3(cfg.in_channels, ch[0], vb.pp("conv_in"))?,
             down_blocks,
             mid_block: MidBlock::load(last, groups, vb.pp("mid_block"))?,
-            conv_norm_out: group_norm(groups, last, NORM_EPS, vb.pp("conv_norm_out"))?,
+            conv_norm_out: Norm::load(groups, last, vb.pp("conv_norm_out"))?,
             conv_out: conv3x3(last, 2 * cfg.latent_channels, vb.pp("conv_out"))?,
         })
     }
@@ -87,18 +87,18 @@ impl Module for Encoder {
             x = level.forward(&x)?;
         }
         let x = self.mid_block.forward(&x)?;
-        self.conv_out.forward(&self.conv_norm_out.forward(&x)?.silu()?)
+        self.conv_out.forward(&self.conv_norm_out.forward(&x, true)?)
     }
 }
 
 /// `[B, latent_channels, h, w] -> [B, in_channels, h*f, w*f]`.
 #[derive(Debug, Clone)]
 struct Decoder {
-    conv_in: Conv2d,
+    conv_in: Conv,
     mid_block: MidBlock,
     up_blocks: Vec<Level<Upsample>>,
-    conv_norm_out: GroupNorm,
-    conv_out: Conv2d,
+    conv_norm_out: Norm,
+    conv_out: Conv,
 }
 
 impl Decoder {
@@ -121,7 +121,7 @@ impl Decoder {
             conv_in: conv3x3(cfg.latent_channels, last, vb.pp("conv_in"))?,
             mid_block: MidBlock::load(last, groups, vb.pp("mid_block"))?,
             up_blocks,
-            conv_norm_out: group_norm(groups, ch[0], NORM_EPS, vb.pp("conv_norm_out"))?,
+            conv_norm_out: Norm::load(groups, ch[0], vb.pp("conv_norm_out"))?,
             conv_out: conv3x3(ch[0], cfg.in_channels, vb.pp("conv_out"))?,
         })
     }
@@ -133,7 +133,7 @@ impl Module for Decoder {
         for level in &self.up_blocks {
             x = level.forward(&x)?;
         }
-        self.conv_out.forward(&self.conv_norm_out.forward(&x)?.silu()?)
+        self.conv_out.forward(&self.conv_norm_out.forward(&x, true)?)
     }
 }
 

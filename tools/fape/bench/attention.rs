@@ -1,12 +1,15 @@
 //! `fape bench attention`: the CUDA flash kernel beside the naive cuBLAS baseline (bf16, device-
-//! resident inputs, timed to a stream sync) at FLUX's shapes, plus every backend at a small shape.
-//! TFLOP/s counts 4 B H Lq Lk D.
+//! resident inputs, timed to a stream sync) at FLUX's shapes, plus every backend at a small shape
+//! (f32, with RMSNorm and RoPE); `--shapes` runs every backend at the shapes given.
+//! The rate counts 4 B H Lq Lk D FLOPs.
+
+use std::time::Duration;
 
 use clap::Args as ClapArgs;
 #[cfg(feature = "cuda")]
 use fape_kernels::attention::CudaAttention;
 use fape_kernels::attention::{attention_typed, rope_tables, AttentionConfig, AttentionElement, AttentionInputs, OP};
-use fape_kernels::bench::{host_timed, measure, BenchPlan, BenchRow, BenchTable, Work};
+use fape_kernels::bench::{host_timed, measure, BenchBackend, BenchPlan, BenchRow, BenchTable, Work};
 #[cfg(feature = "cuda")]
 use fape_kernels::testing::compare;
 use fape_kernels::testing::{rng, uniform};
@@ -22,18 +25,45 @@ pub struct Args {
     /// run the small shape.
     #[arg(long = "device")]
     devices: Vec<DeviceKind>,
+    /// Shapes `BxHxLqxLkxD` (or `BxHxLxD`), comma-separated, run on every backend asked for
+    /// [default: CUDA 1x24x1536x1536x128,1x24x4608x4608x128,4x24x1536x1536x128 beside the host
+    /// backends' 1x4x512x512x128].
+    #[arg(long, value_delimiter = ',')]
+    shapes: Vec<String>,
+    /// Timed runs per row (after the warm-up runs) [default: at least 3 and 0.5 s on the host,
+    /// at least 10 on CUDA].
+    #[arg(long)]
+    runs: Option<usize>,
+    /// One JSON object per row instead of the table.
+    #[arg(long)]
+    json: bool,
 }
 
-/// `(B, H, L, D)` of the CUDA rows: FLUX at 512 px and 1024 px, and a batch of four at 512 px.
-#[cfg(feature = "cuda")]
-const CUDA_SHAPES: [(usize, usize, usize, usize); 3] = [(1, 24, 1536, 128), (1, 24, 4608, 128), (4, 24, 1536, 128)];
+/// `[B, H, Lq, Lk, D]`.
+type Shape = [usize; 5];
 
-/// `(B, H, L, D)` where every backend runs (the host ones in f32).
-const SMALL_SHAPE: (usize, usize, usize, usize) = (1, 4, 512, 128);
+/// The CUDA rows: FLUX at 512 px and 1024 px, and a batch of four at 512 px.
+#[cfg(feature = "cuda")]
+const CUDA_SHAPES: [Shape; 3] = [[1, 24, 1536, 1536, 128], [1, 24, 4608, 4608, 128], [4, 24, 1536, 1536, 128]];
+
+/// Where every backend runs (the host ones in f32).
+const SMALL_SHAPE: Shape = [1, 4, 512, 512, 128];
+
+/// The `--shapes` entry `s`: `BxHxLqxLkxD`, or `BxHxLxD` for `Lq = Lk`.
+fn parse_shape(s: &str) -> Result<Shape> {
+    match super::parse_dims(s, &[4, 5], "BxHxLqxLkxD (or BxHxLxD)", "1x24x1536x1536x128")?[..] {
+        [b, h, l, d] => Ok([b, h, l, l, d]),
+        [b, h, lq, lk, d] => Ok([b, h, lq, lk, d]),
+        _ => unreachable!("parse_dims returns 4 or 5 dims"),
+    }
+}
 
 /// Owned inputs of one shape: random `q`, `k`, `v`, norm weights and FLUX RoPE tables.
 struct Inputs<T> {
-    shape: [usize; 4],
+    shape: Shape,
+    /// `[B,H,Lq,D]` and `[B,H,Lk,D]`.
+    q_shape: [usize; 4],
+    kv_shape: [usize; 4],
     q: Vec<T>,
     k: Vec<T>,
     v: Vec<T>,
@@ -43,42 +73,44 @@ struct Inputs<T> {
 }
 
 impl<T: AttentionElement> Inputs<T> {
-    fn generate((b, h, l, d): (usize, usize, usize, usize), seed: u64) -> Result<Self> {
+    fn generate(shape: Shape, seed: u64) -> Result<Self> {
+        let [b, h, lq, lk, d] = shape;
         let mut g = rng(seed);
         let mut random = |n: usize, lo: f32, hi: f32| -> Vec<T> {
             uniform(&mut g, n, lo, hi).into_iter().map(|x| T::from_f64(f64::from(x))).collect()
         };
-        let n = b * h * l * d;
-        let (q, k, v) = (random(n, -1.0, 1.0), random(n, -1.0, 1.0), random(n, -1.0, 1.0));
+        let q = random(b * h * lq * d, -1.0, 1.0);
+        let (k, v) = (random(b * h * lk * d, -1.0, 1.0), random(b * h * lk * d, -1.0, 1.0));
         let norm = random(d, 0.5, 1.5);
-        let (cos, sin) = rope_tables(l, d)?;
+        let (cos, sin) = rope_tables(lq.max(lk), d)?;
         let narrow = |t: Tensor<f32>| t.map(|&x| T::from_f64(f64::from(x)));
-        Ok(Self { shape: [b, h, l, d], q, k, v, norm, cos: narrow(cos), sin: narrow(sin) })
+        let (q_shape, kv_shape) = ([b, h, lq, d], [b, h, lk, d]);
+        Ok(Self { shape, q_shape, kv_shape, q, k, v, norm, cos: narrow(cos), sin: narrow(sin) })
     }
 
     /// The inputs, with the norm weights (for both q and k) and RoPE when `extras`.
     fn view(&self, extras: bool) -> Result<AttentionInputs<'_, T>> {
         let inputs = AttentionInputs::new(
-            View::new(OP, "q", &self.q, &self.shape)?,
-            View::new(OP, "k", &self.k, &self.shape)?,
-            View::new(OP, "v", &self.v, &self.shape)?,
+            View::new(OP, "q", &self.q, &self.q_shape)?,
+            View::new(OP, "k", &self.k, &self.kv_shape)?,
+            View::new(OP, "v", &self.v, &self.kv_shape)?,
         );
         if !extras {
             return Ok(inputs);
         }
-        let norm_shape = &self.shape[3..];
+        let norm_shape = &self.shape[4..];
         let norm = View::new(OP, "q_norm", &self.norm, norm_shape)?;
         Ok(inputs.with_norms(norm, norm).with_rope(self.cos.view(), self.sin.view()))
     }
 
     fn spelling(&self) -> String {
-        let [b, h, l, d] = self.shape;
-        format!("B{b} H{h} L{l} D{d}")
+        let [b, h, lq, lk, d] = self.shape;
+        format!("{b}x{h}x{lq}x{lk}x{d}")
     }
 
     fn flops(&self) -> f64 {
-        let [b, h, l, d] = self.shape;
-        4.0 * (b * h * l * l * d) as f64
+        let [b, h, lq, lk, d] = self.shape;
+        4.0 * (b * h * lq * lk * d) as f64
     }
 }
 
@@ -87,8 +119,24 @@ impl<T: AttentionElement> Inputs<T> {
 /// # Errors
 /// An op error on a backend that is present (an absent backend only prints a note).
 pub fn run(args: Args) -> Result<()> {
+    let shapes: Vec<Shape> = args.shapes.iter().map(|s| parse_shape(s)).collect::<Result<_>>()?;
     let mut table = BenchTable::new(OP, "naive");
-    let plan = BenchPlan::default();
+    table
+        .notes
+        .push("shape BxHxLqxLkxD; CUDA rows bf16 on device-resident inputs, host rows f32 through the host API".into());
+    #[cfg_attr(not(feature = "cuda"), allow(unused_variables))] // `plan` times the CUDA rows
+    let (plan, host_plan) = match args.runs {
+        Some(runs) => {
+            let exact = BenchPlan {
+                min_runs: runs.max(1),
+                max_runs: runs.max(1),
+                min_time: Duration::ZERO,
+                ..BenchPlan::default()
+            };
+            (exact, exact)
+        }
+        None => (BenchPlan::default(), BenchPlan { warmup: 1, min_runs: 3, ..BenchPlan::default() }),
+    };
     let explicit = !args.devices.is_empty();
     let kinds = if explicit { args.devices } else { vec![DeviceKind::Cuda, DeviceKind::Cpu, DeviceKind::Cube] };
     #[cfg(feature = "cuda")]
@@ -108,15 +156,22 @@ pub fn run(args: Args) -> Result<()> {
                 eprintln!("cuda: {}", cuda.info());
                 // The small shape too when a host backend runs it, for a same-shape comparison.
                 let small = host_rows.then_some(SMALL_SHAPE);
-                for (i, &shape) in small.iter().chain(&CUDA_SHAPES).enumerate() {
+                let defaults: Vec<Shape> = small.iter().chain(&CUDA_SHAPES).copied().collect();
+                let chosen = if shapes.is_empty() { &defaults } else { &shapes };
+                for (i, &shape) in chosen.iter().enumerate() {
                     let inputs = Inputs::<bf16>::generate(shape, 50 + i as u64)?;
                     cuda_rows(cuda, &inputs, plan, &mut table)?;
                 }
             }
-            _ => host_row(&device, &Inputs::<f32>::generate(SMALL_SHAPE, 50)?, plan, &mut table)?,
+            _ => {
+                let chosen = if shapes.is_empty() { &[SMALL_SHAPE][..] } else { &shapes };
+                for (i, &shape) in chosen.iter().enumerate() {
+                    host_row(&device, &Inputs::<f32>::generate(shape, 50 + i as u64)?, host_plan, &mut table)?;
+                }
+            }
         }
     }
-    println!("{table}");
+    super::print_table(&table, args.json, &[]);
     Ok(())
 }
 
@@ -134,13 +189,8 @@ fn cuda_rows(
     let mut plain = CudaAttention::new(cuda, &inputs.view(false)?, &config)?;
     let mut extras = CudaAttention::new(cuda, &inputs.view(true)?, &config)?;
     let mut push = |variant: &str, timing| {
-        table.rows.push(BenchRow {
-            shape: inputs.spelling(),
-            variant: variant.into(),
-            backend: "cuda".into(),
-            timing,
-            work: Work::Flops(inputs.flops()),
-        })
+        let work = Work::Flops(inputs.flops());
+        table.rows.push(BenchRow::new(BenchBackend::cuda(cuda), inputs.spelling(), variant, timing, work))
     };
     let naive = match measure(plan, || host_timed(|| plain.naive().and_then(|()| plain.synchronize()))) {
         Err(FapeError::BackendUnavailable { reason, .. }) => {
@@ -167,11 +217,10 @@ fn cuda_rows(
     Ok(())
 }
 
-/// One host backend (f32) at the small shape, with norms and RoPE.
+/// One host backend (f32) at one shape, with norms and RoPE.
 fn host_row(device: &Device, inputs: &Inputs<f32>, plan: BenchPlan, table: &mut BenchTable) -> Result<()> {
     let config = AttentionConfig::default();
     let view = inputs.view(true)?;
-    let plan = BenchPlan { warmup: 1, min_runs: 3, ..plan };
     let timing = match measure(plan, || host_timed(|| attention_typed(device, &view, &config))) {
         Err(FapeError::Unsupported { what, .. }) => {
             eprintln!("{}: skipped ({what})", device.kind());
@@ -179,12 +228,7 @@ fn host_row(device: &Device, inputs: &Inputs<f32>, plan: BenchPlan, table: &mut 
         }
         other => other?,
     };
-    table.rows.push(BenchRow {
-        shape: inputs.spelling(),
-        variant: "f32+norm+rope".into(),
-        backend: device.kind().name().into(),
-        timing,
-        work: Work::Flops(inputs.flops()),
-    });
+    let work = Work::Flops(inputs.flops());
+    table.rows.push(BenchRow::new(BenchBackend::of(device), inputs.spelling(), "f32+norm+rope", timing, work));
     Ok(())
 }

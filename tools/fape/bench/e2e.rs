@@ -7,14 +7,14 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::Args as ClapArgs;
-use fape_kernels::bench::{measure, BenchPlan, BenchRow, BenchTable, Timing, Work};
+use fape_kernels::bench::{measure, BenchBackend, BenchPlan, BenchRow, BenchTable, Timing, Work};
 use fape_kernels::pipeline::flux::ExecPath;
 use fape_kernels::pipeline::image::Image;
 use fape_kernels::pipeline::restore::{restore, test_scene, PeakMemory, Restored, StageTimings};
 use fape_kernels::{FapeError, Result};
 use indicatif::{ProgressBar, ProgressStyle};
 
-use crate::restore::{device_label, synthetic_note, PipelineArgs};
+use crate::restore::{synthetic_note, PipelineArgs};
 
 /// Side of the generated test scene used when no `--image` is given.
 const SCENE_SIDE: usize = 512;
@@ -37,6 +37,9 @@ pub struct Args {
     /// Image to restore instead of the generated 512x512 test scene.
     #[arg(long, value_name = "PATH")]
     image: Option<PathBuf>,
+    /// One JSON object per row instead of the table (the other lines go to stderr).
+    #[arg(long)]
+    json: bool,
 }
 
 /// The stage times of the timed runs of one path: one list per stage, then the totals.
@@ -114,31 +117,33 @@ pub fn run(args: Args) -> Result<()> {
     ];
     let mut table = BenchTable::new("e2e", "reference");
     let size = format!("{}x{}", g.input.1, g.input.0);
-    let backend = device_label(pipeline.device());
+    let backend = BenchBackend::of_candle(pipeline.device());
     for (s, stage) in StageTimings::NAMES.iter().enumerate() {
         for ((variant, _), samples) in PATHS.iter().zip(&samples) {
-            table.rows.push(BenchRow {
-                shape: format!("{stage} {size}"),
-                variant: (*variant).into(),
-                backend: backend.into(),
-                timing: timing(&samples.stages[s])?,
-                work: work[s],
-            });
+            let row = BenchRow::new(
+                backend.clone(),
+                format!("{stage} {size}"),
+                *variant,
+                timing(&samples.stages[s])?,
+                work[s],
+            );
+            table.rows.push(row);
         }
     }
     for ((variant, _), samples) in PATHS.iter().zip(&samples) {
-        table.rows.push(BenchRow {
-            shape: format!("total {size}"),
-            variant: (*variant).into(),
-            backend: backend.into(),
-            timing: timing(&samples.total)?,
-            work: Work::Bytes(2.0 * image_bytes),
-        });
+        let total = Work::Bytes(2.0 * image_bytes);
+        table.rows.push(BenchRow::new(
+            backend.clone(),
+            format!("total {size}"),
+            *variant,
+            timing(&samples.total)?,
+            total,
+        ));
     }
-    print!("{table}");
-    println!(
-        "preset {}, {backend} {:?}, image {size} -> padded {}x{} -> latent {}x{}x{}; {} timed run(s) per path after {} warmup",
+    let mut lines = vec![format!(
+        "preset {}, {} {:?}, image {size} -> padded {}x{} -> latent {}x{}x{}; {} timed run(s) per path after {} warmup",
         pipeline.preset(),
+        backend.name,
         pipeline.dtype(),
         g.padded.1,
         g.padded.0,
@@ -147,12 +152,11 @@ pub fn run(args: Args) -> Result<()> {
         latent.1,
         args.runs,
         args.warmup
-    );
-    println!("rates: VAE rows count conv and attention FLOPs; planner, transformer and total rows count only the image or latent bytes in and out, not the model's traffic");
-    println!("plan: {}", last.plan.line());
-    println!("{peak}");
-    if let Some(note) = synthetic_note(pipeline.weights()) {
-        println!("{note}");
-    }
+    )];
+    lines.push("rates: VAE rows count conv and attention FLOPs; planner, transformer and total rows count only the image or latent bytes in and out, not the model's traffic".into());
+    lines.push(format!("plan: {}", last.plan.line()));
+    lines.push(peak.to_string());
+    lines.extend(synthetic_note(pipeline.weights()));
+    super::print_table(&table, args.json, &lines);
     Ok(())
 }

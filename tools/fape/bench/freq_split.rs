@@ -9,10 +9,10 @@
 //! above `--cpu-max-pixels` (too slow to be useful).
 
 use clap::Args as ClapArgs;
-use fape_kernels::bench::{host_timed, measure, BenchPlan, BenchRow, BenchTable, Work};
+use fape_kernels::bench::{host_timed, measure, BenchBackend, BenchPlan, BenchRow, BenchTable, Work};
 use fape_kernels::freq::{freq_split, FreqSplitConfig, MaskKind, OP};
 use fape_kernels::testing::{rng, uniform};
-use fape_kernels::{Device, DeviceKind, FapeError, Result, View};
+use fape_kernels::{Device, DeviceKind, Result, View};
 
 /// The shapes, `[B,C,H,W]`.
 const DEFAULT_SHAPES: [[usize; 4]; 4] = [[8, 3, 512, 512], [64, 3, 512, 512], [1, 3, 1024, 1024], [1, 16, 64, 64]];
@@ -35,15 +35,22 @@ pub struct Args {
     /// Minimum measured time per row, milliseconds.
     #[arg(long, default_value_t = 500)]
     min_time_ms: u64,
+    /// Exactly this many timed runs per row (after 3 warm-up runs) instead of `--min-time-ms`.
+    #[arg(long)]
+    runs: Option<usize>,
     /// The CPU backend runs only shapes of at most this many pixels.
     #[arg(long, default_value_t = 1 << 23)]
     cpu_max_pixels: usize,
+    /// One JSON object per row instead of the table.
+    #[arg(long)]
+    json: bool,
 }
 
 fn parse_shape(s: &str) -> Result<[usize; 4]> {
-    let bad = || FapeError::Config { op: "bench", field: "shapes", message: format!("`{s}` is not BxCxHxW") };
-    let dims: Vec<usize> = s.split('x').map(|d| d.trim().parse().map_err(|_| bad())).collect::<Result<_>>()?;
-    dims.try_into().map_err(|_| bad())
+    match super::parse_dims(s, &[4], "BxCxHxW", "1x3x512x512")?[..] {
+        [b, c, h, w] => Ok([b, c, h, w]),
+        _ => unreachable!("parse_dims returns 4 dims"),
+    }
 }
 
 /// Runs the benchmark and prints its table.
@@ -63,8 +70,19 @@ pub fn run(args: Args) -> Result<()> {
     };
     let config = FreqSplitConfig { cutoff: args.cutoff, mask: args.mask, ..FreqSplitConfig::default() };
     config.validate()?;
-    let plan = BenchPlan { min_time: std::time::Duration::from_millis(args.min_time_ms), ..BenchPlan::default() };
-    let mut table = BenchTable::new(format!("{OP} ({} mask, cutoff {})", config.mask, config.cutoff), "cufft+mask");
+    let plan = match args.runs {
+        Some(runs) => {
+            let runs = runs.max(1);
+            BenchPlan { min_runs: runs, max_runs: runs, min_time: std::time::Duration::ZERO, ..BenchPlan::default() }
+        }
+        None => BenchPlan { min_time: std::time::Duration::from_millis(args.min_time_ms), ..BenchPlan::default() },
+    };
+    let mut table = BenchTable::new(OP, "cufft+mask");
+    table.notes.push(format!(
+        "shape BxCxHxW, {} mask, cutoff {}; rate = 12 bytes per pixel (read x, write low and high)",
+        config.mask, config.cutoff
+    ));
+    let mut lines = Vec::new();
     for shape in &shapes {
         let label = format!("{}x{}x{}x{}", shape[0], shape[1], shape[2], shape[3]);
         let len: usize = shape.iter().product();
@@ -73,13 +91,7 @@ pub fn run(args: Args) -> Result<()> {
         let work = Work::Bytes(12.0 * len as f64);
         for device in &devices {
             let mut push = |variant: &str, timing| {
-                table.rows.push(BenchRow {
-                    shape: label.clone(),
-                    variant: variant.to_string(),
-                    backend: device.kind().name().to_string(),
-                    timing,
-                    work,
-                })
+                table.rows.push(BenchRow::new(BenchBackend::of(device), label.clone(), variant, timing, work))
             };
             match device {
                 #[cfg(feature = "cuda")]
@@ -94,7 +106,10 @@ pub fn run(args: Args) -> Result<()> {
                     }
                 }
                 _ if device.kind() == DeviceKind::Cpu && len > args.cpu_max_pixels => {
-                    eprintln!("bench: cpu skips {label} ({len} pixels > --cpu-max-pixels {})", args.cpu_max_pixels);
+                    lines.push(format!(
+                        "bench: cpu skips {label} ({len} pixels > --cpu-max-pixels {})",
+                        args.cpu_max_pixels
+                    ));
                 }
                 _ => {
                     let variant = if device.kind() == DeviceKind::Cube { "cube+copies" } else { "host" };
@@ -103,6 +118,6 @@ pub fn run(args: Args) -> Result<()> {
             }
         }
     }
-    print!("{table}");
+    super::print_table(&table, args.json, &lines);
     Ok(())
 }
