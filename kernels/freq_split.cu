@@ -1,9 +1,10 @@
 // freq_split: the low/high frequency split and radial band energies of FAPE-IR on CUDA.
 //
 // Spectra are half-spectra `S[image][ky][kx]`, `kx < Wh = W/2 + 1` (cuFFT's R2C layout), as
-// float2. The geometry of every bin (numpy's fftfreq, the normalised radius rho, the band and
-// the mask) is computed in f64 exactly as `src/freq/spectrum.rs` does, with round-to-nearest
-// intrinsics so that no FMA contraction changes a bin's band or hard-mask side.
+// float2. The geometry of every bin comes from two per-shape tables in the same `[H][Wh]`
+// layout, built once on the host from the numpy-exact f64 geometry of `src/freq/spectrum.rs`
+// (so every bin's band and hard-mask side are the reference's) and read from L2: `mask` (f32,
+// the mask value times 1/(H W)) and `band` (u8, FS_NO_BAND outside every band).
 //
 // Band energies use the Hermitian symmetry of a real image's spectrum: the bins of columns
 // 0 < kx < W - kx stand for themselves and their mirror (weight 2), columns 0 and W/2 (even W)
@@ -32,70 +33,22 @@
 #define FS_THREADS 256
 #define FS_MAX_BANDS 16
 
-// The spectral geometry and mask of one call (mirrors `SpectralParams` in src/freq/cuda.rs).
-struct SpectralParams {
-    double edges[FS_MAX_BANDS + 1];
-    double cutoff;
-    // 1 / (2 cutoff^2), for the Gaussian mask.
-    double gauss_scale;
-    int nedges;
-    int gaussian;
-};
+// A bin outside every band in the band table.
+#define FS_NO_BAND 255
 
-__device__ __forceinline__ float2 cmul_real(float2 a, float s) { return make_float2(a.x * s, a.y * s); }
-
-// numpy.fft.fftfreq(n)[k] exactly as spectrum.rs: the signed index times inv_n = RN(1 / n),
-// in f64.
-__device__ __forceinline__ double fftfreq(int n, int k, double inv_n) {
-    const int positive = (n + 1) / 2;
-    const double s = k < positive ? (double)k : (double)k - (double)n;
-    return __dmul_rn(s, inv_n);
-}
-
-// rho = sqrt(fy^2 + fx^2) / sqrt(0.5) of a bin, exact where it matters: f32 from the exactly
-// rounded fy^2 + fx^2 (relative error below 2e-7), recomputed in f64 exactly as spectrum.rs
-// rounds it (sqrt(s) / sqrt(0.5), each correctly rounded) when the f32 value lies within 1e-6
-// (relative) of an edge or, for the hard mask, of the cutoff. Every decision taken on it (the
-// band, the hard mask's side) is therefore the reference's, while most bins skip the f64
-// square root and division.
-__device__ __forceinline__ double rho_of(double fy, double fx, const SpectralParams& p) {
-    const double s = __dadd_rn(__dmul_rn(fy, fy), __dmul_rn(fx, fx));
-    const float approx = sqrtf(2.0f * (float)s);
-    const float margin = 1e-6f * approx + 1e-30f;
-    bool near = !p.gaussian && fabsf(approx - (float)p.cutoff) <= margin;
-    for (int i = 0; i < p.nedges; ++i) near |= fabsf(approx - (float)p.edges[i]) <= margin;
-    if (!near) return (double)approx;
-    return __ddiv_rn(__dsqrt_rn(s), __dsqrt_rn(0.5));
-}
-
-// The band of rho as spectrum.rs `band_of`: i with edges[i] <= rho < edges[i+1], the last band
-// closed at its top; -1 outside every band.
-__device__ __forceinline__ int band_of(const SpectralParams& p, double rho) {
-    int at_or_below = 0;
-    while (at_or_below < p.nedges && p.edges[at_or_below] <= rho) ++at_or_below;
-    const int nbands = p.nedges - 1;
-    if (at_or_below == 0) return -1;
-    if (at_or_below <= nbands) return at_or_below - 1;
-    return rho == p.edges[nbands] ? nbands - 1 : -1;
-}
-
-__device__ __forceinline__ float mask_of(const SpectralParams& p, double rho) {
-    if (p.gaussian) return expf((float)(-__dmul_rn(__dmul_rn(rho, rho), p.gauss_scale)));
-    return rho <= p.cutoff ? 1.0f : 0.0f;
-}
-
-// Masks bin (ky, kx) of an H x W image's half-spectrum (inv_h, inv_w = RN(1/h), RN(1/w)) in place, scaled by `scale`, and adds
-// its Hermitian-weighted energy to this thread's slot `acc[band * FS_THREADS + tid]`.
-__device__ __forceinline__ void mask_bin(float2* v, int ky, int kx, int h, int w, double inv_h, double inv_w,
-                                         float scale, const SpectralParams& p, float* acc) {
-    const double rho = rho_of(fftfreq(h, ky, inv_h), fftfreq(w, kx, inv_w), p);
-    const int band = band_of(p, rho);
+// Masks bin `bin` (row-major in the `[H][Wh]` half-spectrum, column kx) in place by the mask
+// table (already scaled by 1/(H W)) and adds its Hermitian-weighted energy to this thread's
+// slot `acc[band * FS_THREADS + tid]` of the band table's band.
+__device__ __forceinline__ void mask_bin(float2* v, int bin, int kx, int w, const float* __restrict__ mask,
+                                         const unsigned char* __restrict__ band, float* acc) {
+    const int b = band[bin];
     const float2 x = *v;
-    if (band >= 0) {
+    if (b != FS_NO_BAND) {
         const float weight = (kx == 0 || 2 * kx == w) ? 1.0f : 2.0f;
-        acc[band * FS_THREADS + threadIdx.x] += weight * (x.x * x.x + x.y * x.y);
+        acc[b * FS_THREADS + threadIdx.x] += weight * (x.x * x.x + x.y * x.y);
     }
-    *v = cmul_real(x, mask_of(p, rho) * scale);
+    const float m = mask[bin];
+    *v = make_float2(x.x * m, x.y * m);
 }
 
 // Zeroes this thread's band slots. The caller synchronises before anyone adds to them (the
@@ -254,10 +207,10 @@ __device__ __forceinline__ void pack_pair(float2* z, int w, int log2w, int k, fl
 // nbands * FS_THREADS floats.
 extern "C" __global__ void __launch_bounds__(FS_THREADS)
     freq_split_fused_f32(const float* __restrict__ x, float* __restrict__ low, float* __restrict__ high,
-                         float* __restrict__ energy, int h, int w, int log2h, int log2w, SpectralParams p) {
+                         float* __restrict__ energy, int h, int w, int log2h, int log2w,
+                         const float* __restrict__ mask, const unsigned char* __restrict__ band, int nbands) {
     extern __shared__ float2 smem[];
     const int hp = (h + 1) / 2, wh = w / 2 + 1, wp = row_len(w);
-    const int nbands = p.nedges - 1;
     float2* rows = smem;
     float2* spec = rows + hp * wp;
     float2* tw_w = spec + h * wh;
@@ -288,11 +241,7 @@ extern "C" __global__ void __launch_bounds__(FS_THREADS)
     __syncthreads();
     fft_lines(spec, tw_h, wh, log2h, 1, wh, false, true, false, false);
 
-    const float inv_pixels = 1.0f / (float)(h * w);
-    const double inv_h = __ddiv_rn(1.0, (double)h), inv_w = __ddiv_rn(1.0, (double)w);
-    for (int i = threadIdx.x; i < h * wh; i += FS_THREADS) {
-        mask_bin(spec + i, i / wh, i % wh, h, w, inv_h, inv_w, inv_pixels, p, acc);
-    }
+    for (int i = threadIdx.x; i < h * wh; i += FS_THREADS) mask_bin(spec + i, i, i % wh, w, mask, band, acc);
     __syncthreads();
     float* ei = energy + image * nbands;
     reduce_slots(acc, nbands, 1.0 / ((double)h * (double)w), [&](int b, double e) { ei[b] = (float)e; });
@@ -363,10 +312,9 @@ extern "C" __global__ void __launch_bounds__(FS_THREADS)
 // Shared: h * cols + max(h/2,1) float2, then nbands * FS_THREADS floats.
 extern "C" __global__ void __launch_bounds__(FS_THREADS)
     freq_columns_f32(float2* __restrict__ spec, double* __restrict__ partial, int h, int w, int log2h, int cols,
-                     SpectralParams p) {
+                     const float* __restrict__ mask, const unsigned char* __restrict__ band, int nbands) {
     extern __shared__ float2 smem[];
     const int wh = w / 2 + 1;
-    const int nbands = p.nedges - 1;
     const int first = blockIdx.x * cols;
     const int lines = min(cols, wh - first);
     float2* tile = smem;
@@ -383,11 +331,9 @@ extern "C" __global__ void __launch_bounds__(FS_THREADS)
     }
     __syncthreads();
     fft_lines(tile, tw, lines, log2h, 1, cols, false, true, false, false);
-    const float inv_pixels = 1.0f / (float)(h * w);
-    const double inv_h = __ddiv_rn(1.0, (double)h), inv_w = __ddiv_rn(1.0, (double)w);
     for (int i = threadIdx.x; i < h * lines; i += FS_THREADS) {
         const int ky = i / lines, c = i % lines;
-        mask_bin(tile + ky * cols + c, ky, first + c, h, w, inv_h, inv_w, inv_pixels, p, acc);
+        mask_bin(tile + ky * cols + c, ky * wh + first + c, first + c, w, mask, band, acc);
     }
     __syncthreads();
     double* out = partial + (image * gridDim.x + blockIdx.x) * nbands;
@@ -445,11 +391,10 @@ extern "C" __global__ void __launch_bounds__(FS_THREADS)
 // FS_THREADS floats.
 extern "C" __global__ void __launch_bounds__(FS_THREADS)
     freq_mask_energy_f32(float2* __restrict__ spec, double* __restrict__ partial, int h, int w, int bins,
-                         SpectralParams p) {
+                         const float* __restrict__ mask, const unsigned char* __restrict__ band, int nbands) {
     extern __shared__ float2 smem[];
     float* acc = (float*)smem;
     const int wh = w / 2 + 1;
-    const int nbands = p.nedges - 1;
     const long long total = (long long)h * wh;
     const long long tiles = (total + bins - 1) / bins;
     const long long image = blockIdx.x / tiles;
@@ -458,10 +403,8 @@ extern "C" __global__ void __launch_bounds__(FS_THREADS)
     float2* si = spec + image * total;
     zero_slots(acc, nbands);
     __syncthreads();
-    const float inv_pixels = (float)(1.0 / ((double)h * (double)w));
-    const double inv_h = __ddiv_rn(1.0, (double)h), inv_w = __ddiv_rn(1.0, (double)w);
     for (long long i = first + threadIdx.x; i < last; i += FS_THREADS) {
-        mask_bin(si + i, (int)(i / wh), (int)(i % wh), h, w, inv_h, inv_w, inv_pixels, p, acc);
+        mask_bin(si + i, (int)i, (int)(i % wh), w, mask, band, acc);
     }
     __syncthreads();
     double* out = partial + (long long)blockIdx.x * nbands;

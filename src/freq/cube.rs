@@ -33,7 +33,7 @@ use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 use cubecl::prelude::*;
 use cubecl::wgpu::WgpuRuntime;
 
-use super::spectrum::{band_of, fftfreq, mask_value, rho};
+use super::spectrum::{bin_geometry, table_key, TableKey};
 use super::{output, FreqDims, FreqSplitConfig, FreqSplitOutput, OP};
 use crate::backend::cube::{CubeDevice, GpuArray};
 use crate::error::{FapeError, Result};
@@ -555,31 +555,19 @@ struct Tables {
     no_im: GpuArray<f32>,
 }
 
-/// What [`Tables`] are keyed by: `H`, `W`, the mask's name, and the bits of the cutoff and
-/// of the edges.
-type TablesKey = (usize, usize, &'static str, u64, Vec<u64>);
-
 impl Tables {
     /// The tables of `h x w` images under `config` (validated), built and uploaded on first use.
     fn get(d: &CubeDevice, h: usize, w: usize, config: &FreqSplitConfig) -> Result<Arc<Self>> {
-        static CACHE: OnceLock<Mutex<HashMap<TablesKey, Arc<Tables>>>> = OnceLock::new();
-        let key =
-            (h, w, config.mask.name(), config.cutoff.to_bits(), config.edges.iter().map(|e| e.to_bits()).collect());
+        static CACHE: OnceLock<Mutex<HashMap<TableKey, Arc<Tables>>>> = OnceLock::new();
+        let key = table_key(h, w, config);
         // A panic while building leaves the map itself consistent, so a poisoned lock is usable.
         let mut cache = CACHE.get_or_init(Default::default).lock().unwrap_or_else(PoisonError::into_inner);
         if let Some(tables) = cache.get(&key) {
             return Ok(Arc::clone(tables));
         }
-        let pixels = h * w;
-        let (mut mask, mut band) = (Vec::with_capacity(pixels), Vec::with_capacity(pixels));
-        for ky in 0..h {
-            let fy = fftfreq(h, ky);
-            for kx in 0..w {
-                let r = rho(fy, fftfreq(w, kx));
-                mask.push(mask_value(config, r) as f32);
-                band.push(band_of(&config.edges, r).map_or(NO_BAND, |b| b as u32));
-            }
-        }
+        let (mask, band): (Vec<f32>, Vec<u32>) = bin_geometry(h, w, w, config)
+            .map(|(m, b)| (m as f32, b.map_or(NO_BAND, |b| b as u32)))
+            .unzip();
         let rows = LinePlan::get(d, w)?;
         let cols = LinePlan::get(d, h)?;
         let tables =

@@ -19,10 +19,9 @@
 //! the rest) with twiddles from `sincospif` (about `eps log2 n` relative error); each thread
 //! sums its bins' `|X|^2` per band in f32 (about 32 terms), blocks add their threads' sums in
 //! f64 in a fixed order, and per-block partials are added in f64 in block order, so the band
-//! energies are deterministic and carry only the f32 spectrum's round-off. A bin's band and
-//! hard-mask side are the reference's exactly: its radius is taken in f32 from the f64
-//! `fy^2 + fx^2` and recomputed in f64 as the reference rounds it whenever it lies within 1e-6
-//! of an edge or the cutoff. At most [`MAX_BANDS`] bands.
+//! energies are deterministic and carry only the f32 spectrum's round-off. A bin's mask and band
+//! come from a per-shape [`SpectralTable`] built on the host from the reference's f64 geometry,
+//! so its band and hard-mask side are the reference's exactly. At most [`MAX_BANDS`] bands.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, OnceLock, PoisonError};
@@ -31,7 +30,8 @@ use cudarc::cufft::sys::{cufftType, float2};
 use cudarc::cufft::CudaFft;
 use cudarc::driver::{sys as cu, CudaFunction, CudaSlice, CudaView, CudaViewMut, DevicePtr, DeviceRepr, PushKernelArg};
 
-use super::{output, validate, FreqDims, FreqSplitConfig, FreqSplitOutput, MaskKind, OP};
+use super::spectrum::{bin_geometry, table_key, TableKey};
+use super::{output, validate, FreqDims, FreqSplitConfig, FreqSplitOutput, OP};
 use crate::backend::cuda::{
     dev_err, kernel_int, launch_config, require_library, tiles, CudaDevice, MathLibrary, FREQ_SPLIT_CU,
 };
@@ -70,41 +70,54 @@ pub enum CudaFftPath {
     Cufft,
 }
 
-/// The kernels' `SpectralParams`: band edges, cutoff and mask of one call.
-#[repr(C)]
-#[derive(Debug, Clone, Copy)]
-struct SpectralParams {
-    edges: [f64; MAX_BANDS + 1],
-    cutoff: f64,
-    gauss_scale: f64,
-    nedges: i32,
-    gaussian: i32,
+/// A bin outside every band in [`SpectralTable::band`] (`FS_NO_BAND`).
+const NO_BAND: u8 = 255;
+
+/// Most `(context, stream, H, W, config)` tables [`spectral_table`] keeps before starting afresh.
+const MAX_CACHED_TABLES: usize = 16;
+
+/// What the kernels read instead of computing each bin's geometry: the `[H][W/2+1]`
+/// half-spectrum's `mask` (f32, the mask value times `1/(H W)`) and `band` (u8, [`NO_BAND`]
+/// outside every band), built on the host from the reference's f64 geometry (so every band and
+/// hard-mask side is the reference's) and uploaded once per shape and config: 5 bytes a bin,
+/// read from L2 by every image of a batch.
+struct SpectralTable {
+    mask: CudaSlice<f32>,
+    band: CudaSlice<u8>,
 }
 
-// SAFETY: `#[repr(C)]` plain data (17 + 2 f64, 2 i32: 160 bytes, 8-aligned, no padding) with
-// the same field order and types as `struct SpectralParams` in kernels/freq_split.cu, passed
-// by value as a kernel parameter.
-unsafe impl DeviceRepr for SpectralParams {}
-
-impl SpectralParams {
-    /// The parameters of `config` (validated).
-    ///
-    /// # Errors
-    /// [`FapeError::Unsupported`] beyond [`MAX_BANDS`] bands.
-    fn new(config: &FreqSplitConfig) -> Result<Self> {
-        if config.nbands() > MAX_BANDS {
-            return Err(unsupported(format!("{} bands (the CUDA kernels take at most {MAX_BANDS})", config.nbands())));
-        }
-        let mut edges = [0.0; MAX_BANDS + 1];
-        edges[..config.edges.len()].copy_from_slice(&config.edges);
-        Ok(Self {
-            edges,
-            cutoff: config.cutoff,
-            gauss_scale: 1.0 / (2.0 * config.cutoff * config.cutoff),
-            nedges: config.edges.len() as i32,
-            gaussian: i32::from(config.mask == MaskKind::Gaussian),
-        })
+/// [`FapeError::Unsupported`] beyond [`MAX_BANDS`] bands.
+fn check_bands(config: &FreqSplitConfig) -> Result<()> {
+    if config.nbands() > MAX_BANDS {
+        return Err(unsupported(format!("{} bands (the CUDA kernels take at most {MAX_BANDS})", config.nbands())));
     }
+    Ok(())
+}
+
+/// The [`SpectralTable`] of `h x w` images under `config` (validated, at most [`MAX_BANDS`]
+/// bands) on `d`'s stream, built and uploaded on first use. Tables are keyed by context and
+/// stream too, and only ever used on the stream that uploaded them, so a table dropped from the
+/// cache is freed after every kernel that read it.
+fn spectral_table(d: &CudaDevice, h: usize, w: usize, config: &FreqSplitConfig) -> Result<Arc<SpectralTable>> {
+    type Key = (usize, usize, TableKey);
+    static CACHE: OnceLock<Mutex<HashMap<Key, Arc<SpectralTable>>>> = OnceLock::new();
+    let stream = d.stream();
+    let key = (stream.context().cu_ctx() as usize, stream.cu_stream() as usize, table_key(h, w, config));
+    let mut cache = CACHE.get_or_init(Default::default).lock().unwrap_or_else(PoisonError::into_inner);
+    if let Some(table) = cache.get(&key) {
+        return Ok(table.clone());
+    }
+    let scale = (1.0 / (h as f64 * w as f64)) as f32;
+    let (mask, band): (Vec<f32>, Vec<u8>) = bin_geometry(h, w, w / 2 + 1, config)
+        .map(|(m, b)| (m as f32 * scale, b.map_or(NO_BAND, |b| b as u8)))
+        .unzip();
+    let band = stream.clone_htod(&band).map_err(dev_err(format!("copying the {h}x{w} band table to the device")))?;
+    let table = Arc::new(SpectralTable { mask: d.upload("mask table", &mask)?, band });
+    if cache.len() >= MAX_CACHED_TABLES {
+        cache.clear();
+    }
+    cache.insert(key, table.clone());
+    Ok(table)
 }
 
 fn unsupported(what: String) -> FapeError {
@@ -117,6 +130,13 @@ enum Route {
     Fused { shared: usize },
     ThreePass { pairs: usize, columns: usize, rows_shared: usize, columns_shared: usize },
     Cufft,
+}
+
+/// The config of one call and its number of bands (at most [`MAX_BANDS`]).
+#[derive(Clone, Copy)]
+struct Bands<'a> {
+    nbands: usize,
+    config: &'a FreqSplitConfig,
 }
 
 /// Shared-memory slots of one padded row of `w` points (`row_len` in the kernels: one float2 of
@@ -245,7 +265,7 @@ pub(crate) fn split_device(
     path: CudaFftPath,
 ) -> Result<()> {
     let nbands = config.nbands();
-    let params = SpectralParams::new(config)?;
+    check_bands(config)?;
     let len = dims.images * dims.pixels();
     if x.len() < len || low.len() < len || high.len() < len || energy.len() < dims.images * nbands {
         return Err(unsupported(format!(
@@ -260,12 +280,13 @@ pub(crate) fn split_device(
     // Indices within an image are 32-bit in the kernels (image offsets are 64-bit).
     kernel_int(OP, "pixels per image", dims.height * (dims.width + 2))?;
     let k = loaded(d)?;
+    let bands = Bands { nbands, config };
     match route(&k, dims, nbands, path) {
-        Route::Fused { shared } => launch_fused(d, &k, x, low, high, energy, dims, params, shared),
+        Route::Fused { shared } => launch_fused(d, &k, x, low, high, energy, dims, bands, shared),
         Route::ThreePass { pairs, columns, rows_shared, columns_shared } => {
-            three_pass(d, &k, x, low, high, energy, dims, params, (pairs, columns, rows_shared, columns_shared))
+            three_pass(d, &k, x, low, high, energy, dims, bands, (pairs, columns, rows_shared, columns_shared))
         }
-        Route::Cufft => cufft_split(d, &k, x, low, high, energy, dims, params),
+        Route::Cufft => cufft_split(d, &k, x, low, high, energy, dims, bands),
     }
 }
 
@@ -278,20 +299,24 @@ fn launch_fused(
     high: &mut CudaViewMut<'_, f32>,
     energy: &mut CudaViewMut<'_, f32>,
     dims: FreqDims,
-    params: SpectralParams,
+    bands: Bands<'_>,
     shared: usize,
 ) -> Result<()> {
     let kernel = "freq_split_fused_f32";
+    let table = spectral_table(d, dims.height, dims.width, bands.config)?;
+    let nbands = bands.nbands as i32;
     let f = function(k, kernel, shared)?;
     let (threads, shared_u32) = block(shared)?;
     let cfg = launch_config(OP, (dims.images, 1, 1), threads, shared_u32)?;
     let (h, w) = (dims.height as i32, dims.width as i32);
     let (log2h, log2w) = (dims.height.trailing_zeros() as i32, dims.width.trailing_zeros() as i32);
     let mut launch = d.stream().launch_builder(&f);
-    launch.arg(x).arg(&mut *low).arg(&mut *high).arg(&mut *energy).arg(&h).arg(&w).arg(&log2h).arg(&log2w).arg(&params);
+    launch.arg(x).arg(&mut *low).arg(&mut *high).arg(&mut *energy).arg(&h).arg(&w).arg(&log2h).arg(&log2w);
+    launch.arg(&table.mask).arg(&table.band).arg(&nbands);
     // SAFETY: the arguments match `freq_split_fused_f32(const float* x, float* low, float* high,
-    // float* energy, int h, int w, int log2h, int log2w, SpectralParams p)` in order and type
-    // (`SpectralParams` mirrors the kernel's struct). One block per image (grid = images): it
+    // float* energy, int h, int w, int log2h, int log2w, const float* mask, const unsigned char*
+    // band, int nbands)` in order and type; the tables hold the h (w/2+1) bins the kernel
+    // indexes, and every band index in them is below nbands. One block per image (grid = images): it
     // reads x and writes low/high at image * h * w + [0, h w) and energy at image * nbands +
     // [0, nbands), all within the buffers (lengths checked by `split_device`); h and w are
     // powers of two <= 128 with log2h/log2w their exponents, and `shared` is the kernel's
@@ -330,11 +355,12 @@ fn three_pass(
     high: &mut CudaViewMut<'_, f32>,
     energy: &mut CudaViewMut<'_, f32>,
     dims: FreqDims,
-    params: SpectralParams,
+    bands: Bands<'_>,
     (pairs, columns, rows_shared, columns_shared): (usize, usize, usize, usize),
 ) -> Result<()> {
     let (h, w) = (dims.height, dims.width);
-    let (pixels, wh, nbands) = (dims.pixels(), w / 2 + 1, params.nedges as usize - 1);
+    let (pixels, wh, nbands) = (dims.pixels(), w / 2 + 1, bands.nbands);
+    let table = spectral_table(d, h, w, bands.config)?;
     let chunk = chunk_images(k, dims);
     let row_groups = tiles(h.div_ceil(2), pairs);
     let column_tiles = tiles(wh, columns);
@@ -374,9 +400,11 @@ fn three_pass(
 
         let cfg = launch_config(OP, (column_tiles, n, 1), threads, columns_shared)?;
         let mut launch = stream.launch_builder(&cols);
-        launch.arg(&mut spec).arg(&mut partial).arg(&h_i).arg(&w_i).arg(&log2h).arg(&columns_i).arg(&params);
+        launch.arg(&mut spec).arg(&mut partial).arg(&h_i).arg(&w_i).arg(&log2h).arg(&columns_i);
+        launch.arg(&table.mask).arg(&table.band).arg(&nbands_i);
         // SAFETY: matches `freq_columns_f32(float2* spec, double* partial, int h, int w, int
-        // log2h, int cols, SpectralParams p)`. Block (t, i) reads and rewrites columns
+        // log2h, int cols, const float* mask, const unsigned char* band, int nbands)`; the
+        // tables hold the h (w/2+1) bins it indexes. Block (t, i) reads and rewrites columns
         // t cols .. min((t+1) cols, w/2+1) of image i's half-spectrum (written by the pass
         // above) and writes partial[(i tiles + t) nbands + b], b < nbands, inside the
         // chunk * tiles * nbands f64 of `partial`: every partial is written. Shared memory:
@@ -449,7 +477,7 @@ fn cufft_split(
     high: &mut CudaViewMut<'_, f32>,
     energy: &mut CudaViewMut<'_, f32>,
     dims: FreqDims,
-    params: SpectralParams,
+    bands: Bands<'_>,
 ) -> Result<()> {
     if require_library(MathLibrary::Cufft, "freq_split").is_err() {
         return Err(unsupported(format!(
@@ -460,7 +488,8 @@ fn cufft_split(
     // An H x 1 image is the same row-major data as a 1 x H image, with the same radius at every
     // bin (fx = 0 there, fy = 0 here), so it runs as a 1-D transform along its length.
     let (h, w) = if dims.width == 1 { (1, dims.height) } else { (dims.height, dims.width) };
-    let (images, pixels, wh, nbands) = (dims.images, h * w, w / 2 + 1, params.nedges as usize - 1);
+    let (images, pixels, wh, nbands) = (dims.images, h * w, w / 2 + 1, bands.nbands);
+    let table = spectral_table(d, h, w, bands.config)?;
     let len = images * pixels;
     let bins_per_image = h * wh;
     let mask_tiles = tiles(bins_per_image, MASK_BINS);
@@ -494,9 +523,12 @@ fn cufft_split(
     let cfg = launch_config(OP, (mask_tiles * images, 1, 1), threads, shared_u32)?;
     let (h_i, w_i, bins_i) = (h as i32, w as i32, MASK_BINS as i32);
     let mut launch = d.stream().launch_builder(&mask);
-    launch.arg(&mut spec).arg(&mut partial).arg(&h_i).arg(&w_i).arg(&bins_i).arg(&params);
+    let nbands_i = nbands as i32;
+    launch.arg(&mut spec).arg(&mut partial).arg(&h_i).arg(&w_i).arg(&bins_i);
+    launch.arg(&table.mask).arg(&table.band).arg(&nbands_i);
     // SAFETY: matches `freq_mask_energy_f32(float2* spec, double* partial, int h, int w, int
-    // bins, SpectralParams p)`. Block k = i tiles + t (k < images * tiles) rewrites bins
+    // bins, const float* mask, const unsigned char* band, int nbands)`; the tables hold the
+    // h (w/2+1) bins of one image, which is what it indexes. Block k = i tiles + t (k < images * tiles) rewrites bins
     // [t bins, min((t+1) bins, h (w/2+1))) of image i of spec (images * h (w/2+1) float2, all
     // written by the R2C above) and writes partial[k nbands + b], b < nbands (images * tiles *
     // nbands f64: all written).
@@ -505,8 +537,7 @@ fn cufft_split(
 
     let reduce = function(k, "freq_energy_reduce_f32", 0)?;
     let cfg = launch_config(OP, (tiles(images * nbands, THREADS), 1, 1), threads, 0)?;
-    let (images_i, nbands_i, tiles_i) =
-        (kernel_int(OP, "images", images)?, nbands as i32, kernel_int(OP, "mask tiles", mask_tiles)?);
+    let (images_i, tiles_i) = (kernel_int(OP, "images", images)?, kernel_int(OP, "mask tiles", mask_tiles)?);
     let scale = 1.0 / (h as f64 * w as f64);
     let mut launch = d.stream().launch_builder(&reduce);
     launch.arg(&partial).arg(&mut *energy).arg(&images_i).arg(&nbands_i).arg(&tiles_i).arg(&scale);
@@ -680,18 +711,14 @@ mod tests {
     }
 
     #[test]
-    fn spectral_params_match_the_kernel_struct_and_cap_the_bands() {
-        assert_eq!(std::mem::size_of::<SpectralParams>(), 160);
-        assert_eq!(std::mem::align_of::<SpectralParams>(), 8);
-        let p = SpectralParams::new(&FreqSplitConfig::default()).unwrap();
-        assert_eq!((p.nedges, p.gaussian), (6, 0));
-        assert_eq!(&p.edges[..6], &[0.0, 0.15, 0.35, 0.45, 0.9, 1.0]);
+    fn bands_are_capped_at_the_kernels_maximum() {
         let edges: Vec<f64> = (0..=MAX_BANDS).map(|i| i as f64 / MAX_BANDS as f64).collect();
-        assert!(SpectralParams::new(&FreqSplitConfig { edges: edges.clone(), ..FreqSplitConfig::default() }).is_ok());
+        assert!(check_bands(&FreqSplitConfig { edges: edges.clone(), ..FreqSplitConfig::default() }).is_ok());
         let mut more = edges;
         more.insert(1, 0.5 / MAX_BANDS as f64);
-        let err = SpectralParams::new(&FreqSplitConfig { edges: more, ..FreqSplitConfig::default() });
+        let err = check_bands(&FreqSplitConfig { edges: more, ..FreqSplitConfig::default() });
         assert!(matches!(err, Err(FapeError::Unsupported { .. })));
+        assert!(usize::from(NO_BAND) >= MAX_BANDS, "the no-band marker must not be a band index");
     }
 
     #[test]

@@ -65,6 +65,37 @@ pub(crate) fn band_of(edges: &[f64], rho: f64) -> Option<usize> {
     }
 }
 
+/// The mask value and band (`None` outside every band) of the bins `(ky, kx)`, `ky < height`,
+/// `kx < columns`, of a `height x width` spectrum in row-major order (`columns` is `width` for
+/// the whole spectrum, `width / 2 + 1` for a real image's half-spectrum): the host tables the
+/// GPU backends upload once per shape and config instead of computing the geometry per bin.
+#[cfg(any(feature = "cube", feature = "cuda"))]
+pub(crate) fn bin_geometry(
+    height: usize,
+    width: usize,
+    columns: usize,
+    config: &FreqSplitConfig,
+) -> impl Iterator<Item = (f64, Option<usize>)> + '_ {
+    (0..height).flat_map(move |ky| {
+        let fy = fftfreq(height, ky);
+        (0..columns).map(move |kx| {
+            let r = rho(fy, fftfreq(width, kx));
+            (mask_value(config, r), band_of(&config.edges, r))
+        })
+    })
+}
+
+/// What a per-shape table of the GPU backends is keyed by besides the device: `H`, `W`, the
+/// mask's name, and the bits of the cutoff and of the edges.
+#[cfg(any(feature = "cube", feature = "cuda"))]
+pub(crate) type TableKey = (usize, usize, &'static str, u64, Vec<u64>);
+
+/// The [`TableKey`] of `h x w` images under `config`.
+#[cfg(any(feature = "cube", feature = "cuda"))]
+pub(crate) fn table_key(h: usize, w: usize, config: &FreqSplitConfig) -> TableKey {
+    (h, w, config.mask.name(), config.cutoff.to_bits(), config.edges.iter().map(|e| e.to_bits()).collect())
+}
+
 /// The mask and band of every bin of an `H x W` spectrum, in the transposed layout.
 pub(crate) struct SpectralMap<F> {
     height: usize,
