@@ -667,6 +667,29 @@ impl CudaSplitBuffers {
         Ok(std::time::Duration::from_secs_f64(f64::from(ms) * 1e-3 / reps as f64))
     }
 
+    /// The host time of enqueueing one split through `path` (launch setup and driver calls,
+    /// without the GPU's work): `reps` splits enqueued back to back, the host time divided by
+    /// `reps`; the stream is synchronised after the clock stops.
+    ///
+    /// # Errors
+    /// As [`CudaSplitBuffers::run`]; [`FapeError::Device`] when a kernel failed.
+    pub fn time_enqueue(
+        &mut self,
+        device: &CudaDevice,
+        config: &FreqSplitConfig,
+        path: CudaFftPath,
+        reps: usize,
+    ) -> Result<std::time::Duration> {
+        let reps = reps.max(1);
+        let start = std::time::Instant::now();
+        for _ in 0..reps {
+            self.run(device, config, path)?;
+        }
+        let enqueue = start.elapsed() / reps as u32;
+        self.synchronize(device)?;
+        Ok(enqueue)
+    }
+
     /// Waits for the splits enqueued on `device`'s stream.
     ///
     /// # Errors

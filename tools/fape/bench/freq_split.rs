@@ -4,7 +4,9 @@
 //!
 //! CUDA rows keep `x` and the outputs on the device and time `reps` back-to-back splits
 //! between CUDA events (`fape` = this crate's kernels, `cufft+mask` = cuFFT R2C, the mask and
-//! energy kernel, cuFFT C2R and a subtraction). Host backends are timed on the host, and the
+//! energy kernel, cuFFT C2R and a subtraction), then one split per run timed on the host from
+//! enqueue to synchronise (`fape host-to-host`, the latents' 10 us bar) and the host time of
+//! the enqueue alone (`fape enqueue`; its rate column is not a bandwidth). Host backends are timed on the host, and the
 //! Cube backend's time includes its transfers (variant `cube+copies`). The CPU skips shapes
 //! above `--cpu-max-pixels` (too slow to be useful).
 
@@ -104,6 +106,14 @@ pub fn run(args: Args) -> Result<()> {
                     for (variant, path) in [("cufft+mask", CudaFftPath::Cufft), ("fape", CudaFftPath::Auto)] {
                         push(variant, measure(plan, || buffers.time_runs(d, &config, path, reps))?);
                     }
+                    // What a caller waits for per call (enqueue, GPU time, synchronise), and the
+                    // host's share of it.
+                    let auto = CudaFftPath::Auto;
+                    let host_to_host = measure(plan, || {
+                        host_timed(|| buffers.run(d, &config, auto).and_then(|()| buffers.synchronize(d)))
+                    })?;
+                    push("fape host-to-host", host_to_host);
+                    push("fape enqueue", measure(plan, || buffers.time_enqueue(d, &config, auto, reps))?);
                 }
                 _ if device.kind() == DeviceKind::Cpu && len > args.cpu_max_pixels => {
                     lines.push(format!(
