@@ -193,9 +193,12 @@ FAPE_ATTENTION_PREPARE(attention_prepare_f16, F16Elem)
 //   out[bh, i, :] = sum_j softmax_j(q[bh, i, :] . k[bh, j, :] * scale) v[bh, j, :]
 //
 // q, k, v already normed/rotated (attention_prepare), 16-bit elements, f32 accumulation.
-// Grid: x = ceil(Lq / BLOCK_M) query tiles, y = B*H heads. Block: WARPS warps; warp w owns the
-// 16 query rows [q0 + 16w, q0 + 16w + 16) of the block's tile. Dynamic shared memory:
-// SMEM_BYTES(D) = Q tile + 2 K tiles + 2 V tiles, each row padded to STRIDE = D + 8 elements.
+// Grid: x = ceil(Lq / BLOCK_M) query tiles (BLOCK_M = 128), y = B*H heads. Block: WARPS = 4
+// warps; warp w owns the WARP_ROWS = 32 query rows [q0 + 32w, q0 + 32w + 32) of the block's
+// tile as M_TILES = 2 m-tiles of 16 rows, so every K and V fragment loaded with ldmatrix feeds
+// 4 MMAs (2 per m-tile). Keys per tile: BLOCK_N = 64 at D = 64, 32 at D = 128. Dynamic shared
+// memory: SMEM_BYTES(D) = Q tile + 2 K tiles + 2 V tiles, each row padded to STRIDE = D + 8
+// elements.
 //
 // Per block: the Q tile and K/V tile 0 are fetched with cp.async (one commit group); iteration
 // j fetches K/V tile j+1 into the other buffer before computing tile j (double buffering).
@@ -218,7 +221,7 @@ FAPE_ATTENTION_PREPARE(attention_prepare_f16, F16Elem)
 // addresses; all tiles are row-major in shared memory):
 //   Q (A of S = Q K^T), k-step kk (dims 16kk..16kk+15): matrices (rows 0-7, dims 0-7),
 //     (rows 8-15, dims 0-7), (rows 0-7, dims 8-15), (rows 8-15, dims 8-15) = a0, a1, a2, a3.
-//     Lane address: row = 16w + lane % 16, dim = 16kk + 8 (lane / 16).
+//     Lane address: row = 32w + 16mt + lane % 16, dim = 16kk + 8 (lane / 16).
 //   K (B of S = Q K^T, B[d][n] = K[n][d], so B "col" is K row-major, plain ldmatrix): for keys
 //     16p..16p+15 and k-step kk: matrices (keys 0-7, dims 0-7) = b0 and (keys 0-7, dims 8-15) =
 //     b1 of key block 2p; (keys 8-15, dims 0-7) = b0, (keys 8-15, dims 8-15) = b1 of block 2p+1.
@@ -246,18 +249,29 @@ FAPE_ATTENTION_PREPARE(attention_prepare_f16, F16Elem)
 namespace attention_flash_cfg {
 constexpr int WARPS = 4;
 constexpr int THREADS = WARPS * 32;
-constexpr int BLOCK_M = WARPS * 16;  // query rows per block
-constexpr int BLOCK_N = 64;          // keys per K/V tile
-constexpr int PAD = 8;               // 16-bit elements of padding per shared row
+constexpr int M_TILES = 2;                   // 16-row m-tiles per warp
+constexpr int WARP_ROWS = 16 * M_TILES;      // query rows per warp
+constexpr int BLOCK_M = WARPS * WARP_ROWS;   // query rows per block
+constexpr int PAD = 8;                       // 16-bit elements of padding per shared row
+// Keys per K/V tile at D = 64 and at D = 128 (where S must leave registers for the 128 of
+// the O accumulators).
+constexpr int BLOCK_N_D64 = 64;
+constexpr int BLOCK_N_D128 = 32;
 }  // namespace attention_flash_cfg
 
 template <int D>
 struct FlashShape {
-    static_assert(D % 16 == 0, "D is a multiple of the mma k-step");
+    static_assert(D == 64 || D == 128, "the register budget is planned for D = 64 and 128");
+    static constexpr int BLOCK_N = D == 64 ? attention_flash_cfg::BLOCK_N_D64 : attention_flash_cfg::BLOCK_N_D128;
+    // The warp's Q fragments stay in registers at D = 64 (32 registers). At D = 128 they would
+    // take 64 beside the 128 of the O accumulators and spill (ptxas, sm_80 and sm_90a): there
+    // each k-step reloads them from the Q tile with ldmatrix (as FlashAttention-2 does), one Q
+    // load per 4 MMAs as for K.
+    static constexpr bool Q_IN_REGISTERS = D <= 64;
     static constexpr int STRIDE = D + attention_flash_cfg::PAD;  // elements per shared row
     static constexpr int CHUNKS = D / 8;                         // 16-byte pieces per row
     static constexpr int Q_ELEMS = attention_flash_cfg::BLOCK_M * STRIDE;
-    static constexpr int KV_ELEMS = attention_flash_cfg::BLOCK_N * STRIDE;
+    static constexpr int KV_ELEMS = BLOCK_N * STRIDE;
     static constexpr int SMEM_BYTES = (Q_ELEMS + 4 * KV_ELEMS) * 2;
 };
 
@@ -334,6 +348,7 @@ __device__ __forceinline__ void flash_body(const unsigned short* __restrict__ q,
 {
     using namespace attention_flash_cfg;
     using Shape = FlashShape<D>;
+    constexpr int BLOCK_N = Shape::BLOCK_N;
     constexpr int STRIDE = Shape::STRIDE;
     constexpr int KSTEPS = D / 16;        // mma k-steps of S = Q K^T
     constexpr int DBLOCKS = D / 8;        // 8-column blocks of O
@@ -360,12 +375,24 @@ __device__ __forceinline__ void flash_body(const unsigned short* __restrict__ q,
     load_tile<D, BLOCK_N>(s_v, v_head, 0, k_len);
     cp_async_commit();
 
-    unsigned q_frag[KSTEPS][4];
-    float o[DBLOCKS][4];
+    // Per m-tile mt (the warp's rows 16 mt .. 16 mt + 15): Q fragments (when held), O
+    // accumulators, and the running max and sum of rows g and g+8 (base-2 units; the sum over
+    // this lane's columns).
+    constexpr bool Q_REGS = Shape::Q_IN_REGISTERS;
+    unsigned q_frag[Q_REGS ? M_TILES : 1][Q_REGS ? KSTEPS : 1][4];
+    const auto q_address = [&](int mt, int kk) {
+        return s_q + (warp * WARP_ROWS + mt * 16 + (lane & 15)) * STRIDE + kk * 16 + (lane >> 4) * 8;
+    };
+    float o[M_TILES][DBLOCKS][4];
+    float row_max[M_TILES][2];
+    float row_sum[M_TILES][2];
 #pragma unroll
-    for (int db = 0; db < DBLOCKS; ++db) o[db][0] = o[db][1] = o[db][2] = o[db][3] = 0.0f;
-    float row_max[2] = {NEG_INF, NEG_INF};  // rows g and g+8 of the warp, base-2 units
-    float row_sum[2] = {0.0f, 0.0f};            // this lane's columns only
+    for (int mt = 0; mt < M_TILES; ++mt) {
+#pragma unroll
+        for (int db = 0; db < DBLOCKS; ++db) o[mt][db][0] = o[mt][db][1] = o[mt][db][2] = o[mt][db][3] = 0.0f;
+        row_max[mt][0] = row_max[mt][1] = NEG_INF;
+        row_sum[mt][0] = row_sum[mt][1] = 0.0f;
+    }
 
     for (int j = 0; j < tiles; ++j) {
         const int buf = j & 1;
@@ -380,130 +407,157 @@ __device__ __forceinline__ void flash_body(const unsigned short* __restrict__ q,
         }
         __syncthreads();  // tile j (and at j = 0 the Q tile) is visible to every thread
 
-        if (j == 0) {
+        if constexpr (Q_REGS) {
+            if (j == 0) {
 #pragma unroll
-            for (int kk = 0; kk < KSTEPS; ++kk)
-                ldmatrix_x4(q_frag[kk], s_q + (warp * 16 + (lane & 15)) * STRIDE + kk * 16 + (lane >> 4) * 8);
+                for (int mt = 0; mt < M_TILES; ++mt)
+#pragma unroll
+                    for (int kk = 0; kk < KSTEPS; ++kk) ldmatrix_x4(q_frag[mt][kk], q_address(mt, kk));
+            }
         }
         const unsigned short* const k_tile = s_k + buf * Shape::KV_ELEMS;
         const unsigned short* const v_tile = s_v + buf * Shape::KV_ELEMS;
 
-        // S = Q K^T for this warp's 16 rows and the tile's 64 keys.
-        float s[NBLOCKS][4];
+        // S = Q K^T for this warp's rows and the tile's keys; each K fragment feeds every m-tile.
+        float s[M_TILES][NBLOCKS][4];
 #pragma unroll
-        for (int nb = 0; nb < NBLOCKS; ++nb) s[nb][0] = s[nb][1] = s[nb][2] = s[nb][3] = 0.0f;
+        for (int mt = 0; mt < M_TILES; ++mt)
+#pragma unroll
+            for (int nb = 0; nb < NBLOCKS; ++nb) s[mt][nb][0] = s[mt][nb][1] = s[mt][nb][2] = s[mt][nb][3] = 0.0f;
 #pragma unroll
         for (int kk = 0; kk < KSTEPS; ++kk) {
+            unsigned a[M_TILES][4];
+#pragma unroll
+            for (int mt = 0; mt < M_TILES; ++mt) {
+                if constexpr (Q_REGS) {
+#pragma unroll
+                    for (int r = 0; r < 4; ++r) a[mt][r] = q_frag[mt][kk][r];
+                } else {
+                    ldmatrix_x4(a[mt], q_address(mt, kk));
+                }
+            }
 #pragma unroll
             for (int p = 0; p < NBLOCKS / 2; ++p) {
                 unsigned b[4];
                 ldmatrix_x4(b, k_tile + (p * 16 + (lane >> 4) * 8 + (lane & 7)) * STRIDE + kk * 16 +
                                    ((lane >> 3) & 1) * 8);
-                E::mma(s[2 * p], q_frag[kk], b[0], b[1]);
-                E::mma(s[2 * p + 1], q_frag[kk], b[2], b[3]);
+#pragma unroll
+                for (int mt = 0; mt < M_TILES; ++mt) {
+                    E::mma(s[mt][2 * p], a[mt], b[0], b[1]);
+                    E::mma(s[mt][2 * p + 1], a[mt], b[2], b[3]);
+                }
             }
         }
 
         // Scale into base-2 units; mask keys past Lk (only the last tile can have them).
         const int key0 = j * BLOCK_N;
-        if (key0 + BLOCK_N <= k_len) {
+        const bool full = key0 + BLOCK_N <= k_len;
 #pragma unroll
-            for (int nb = 0; nb < NBLOCKS; ++nb)
-#pragma unroll
-                for (int c = 0; c < 4; ++c) s[nb][c] *= scale_log2;
-        } else {
+        for (int mt = 0; mt < M_TILES; ++mt)
 #pragma unroll
             for (int nb = 0; nb < NBLOCKS; ++nb)
 #pragma unroll
                 for (int c = 0; c < 4; ++c) {
                     const int key = key0 + nb * 8 + 2 * t + (c & 1);
-                    s[nb][c] = key < k_len ? s[nb][c] * scale_log2 : NEG_INF;
+                    s[mt][nb][c] = full || key < k_len ? s[mt][nb][c] * scale_log2 : NEG_INF;
                 }
+
+        // Online softmax per m-tile: c0, c1 belong to row g (r = 0), c2, c3 to row g+8 (r = 1).
+#pragma unroll
+        for (int mt = 0; mt < M_TILES; ++mt) {
+            float tile_max[2] = {row_max[mt][0], row_max[mt][1]};
+#pragma unroll
+            for (int nb = 0; nb < NBLOCKS; ++nb) {
+                tile_max[0] = fmaxf(tile_max[0], fmaxf(s[mt][nb][0], s[mt][nb][1]));
+                tile_max[1] = fmaxf(tile_max[1], fmaxf(s[mt][nb][2], s[mt][nb][3]));
+            }
+            float base[2];
+            float alpha[2];
+#pragma unroll
+            for (int r = 0; r < 2; ++r) {
+                tile_max[r] = fmaxf(tile_max[r], __shfl_xor_sync(0xffffffffu, tile_max[r], 1));
+                tile_max[r] = fmaxf(tile_max[r], __shfl_xor_sync(0xffffffffu, tile_max[r], 2));
+                base[r] = tile_max[r] == NEG_INF ? 0.0f : tile_max[r];
+                alpha[r] = fast_exp2(row_max[mt][r] - base[r]);  // 0 while row_max is still -inf
+                row_max[mt][r] = tile_max[r];
+            }
+            float tile_sum[2] = {0.0f, 0.0f};
+#pragma unroll
+            for (int nb = 0; nb < NBLOCKS; ++nb) {
+                s[mt][nb][0] = fast_exp2(s[mt][nb][0] - base[0]);
+                s[mt][nb][1] = fast_exp2(s[mt][nb][1] - base[0]);
+                s[mt][nb][2] = fast_exp2(s[mt][nb][2] - base[1]);
+                s[mt][nb][3] = fast_exp2(s[mt][nb][3] - base[1]);
+                tile_sum[0] += s[mt][nb][0] + s[mt][nb][1];
+                tile_sum[1] += s[mt][nb][2] + s[mt][nb][3];
+            }
+#pragma unroll
+            for (int r = 0; r < 2; ++r) row_sum[mt][r] = row_sum[mt][r] * alpha[r] + tile_sum[r];
+#pragma unroll
+            for (int db = 0; db < DBLOCKS; ++db) {
+                o[mt][db][0] *= alpha[0];
+                o[mt][db][1] *= alpha[0];
+                o[mt][db][2] *= alpha[1];
+                o[mt][db][3] *= alpha[1];
+            }
         }
 
-        // Online softmax: c0, c1 belong to row g (r = 0), c2, c3 to row g+8 (r = 1).
-        float tile_max[2] = {row_max[0], row_max[1]};
-#pragma unroll
-        for (int nb = 0; nb < NBLOCKS; ++nb) {
-            tile_max[0] = fmaxf(tile_max[0], fmaxf(s[nb][0], s[nb][1]));
-            tile_max[1] = fmaxf(tile_max[1], fmaxf(s[nb][2], s[nb][3]));
-        }
-        float base[2];
-        float alpha[2];
-#pragma unroll
-        for (int r = 0; r < 2; ++r) {
-            tile_max[r] = fmaxf(tile_max[r], __shfl_xor_sync(0xffffffffu, tile_max[r], 1));
-            tile_max[r] = fmaxf(tile_max[r], __shfl_xor_sync(0xffffffffu, tile_max[r], 2));
-            base[r] = tile_max[r] == NEG_INF ? 0.0f : tile_max[r];
-            alpha[r] = fast_exp2(row_max[r] - base[r]);  // 0 while row_max is still -inf
-            row_max[r] = tile_max[r];
-        }
-        float tile_sum[2] = {0.0f, 0.0f};
-#pragma unroll
-        for (int nb = 0; nb < NBLOCKS; ++nb) {
-            s[nb][0] = fast_exp2(s[nb][0] - base[0]);
-            s[nb][1] = fast_exp2(s[nb][1] - base[0]);
-            s[nb][2] = fast_exp2(s[nb][2] - base[1]);
-            s[nb][3] = fast_exp2(s[nb][3] - base[1]);
-            tile_sum[0] += s[nb][0] + s[nb][1];
-            tile_sum[1] += s[nb][2] + s[nb][3];
-        }
-#pragma unroll
-        for (int r = 0; r < 2; ++r) row_sum[r] = row_sum[r] * alpha[r] + tile_sum[r];
-#pragma unroll
-        for (int db = 0; db < DBLOCKS; ++db) {
-            o[db][0] *= alpha[0];
-            o[db][1] *= alpha[0];
-            o[db][2] *= alpha[1];
-            o[db][3] *= alpha[1];
-        }
-
-        // O += P V over the tile's keys, 16 at a time.
+        // O += P V over the tile's keys, 16 at a time; each V fragment feeds every m-tile.
 #pragma unroll
         for (int kk = 0; kk < BLOCK_N / 16; ++kk) {
-            unsigned a[4];
-            a[0] = E::pack2(s[2 * kk][0], s[2 * kk][1]);
-            a[1] = E::pack2(s[2 * kk][2], s[2 * kk][3]);
-            a[2] = E::pack2(s[2 * kk + 1][0], s[2 * kk + 1][1]);
-            a[3] = E::pack2(s[2 * kk + 1][2], s[2 * kk + 1][3]);
+            unsigned a[M_TILES][4];
+#pragma unroll
+            for (int mt = 0; mt < M_TILES; ++mt) {
+                a[mt][0] = E::pack2(s[mt][2 * kk][0], s[mt][2 * kk][1]);
+                a[mt][1] = E::pack2(s[mt][2 * kk][2], s[mt][2 * kk][3]);
+                a[mt][2] = E::pack2(s[mt][2 * kk + 1][0], s[mt][2 * kk + 1][1]);
+                a[mt][3] = E::pack2(s[mt][2 * kk + 1][2], s[mt][2 * kk + 1][3]);
+            }
 #pragma unroll
             for (int p = 0; p < DBLOCKS / 2; ++p) {
                 unsigned b[4];
                 ldmatrix_x4_trans(b, v_tile + (kk * 16 + ((lane >> 3) & 1) * 8 + (lane & 7)) * STRIDE + p * 16 +
                                          (lane >> 4) * 8);
-                E::mma(o[2 * p], a, b[0], b[1]);
-                E::mma(o[2 * p + 1], a, b[2], b[3]);
+#pragma unroll
+                for (int mt = 0; mt < M_TILES; ++mt) {
+                    E::mma(o[mt][2 * p], a[mt], b[0], b[1]);
+                    E::mma(o[mt][2 * p + 1], a[mt], b[2], b[3]);
+                }
             }
         }
         __syncthreads();  // every warp is done with buffer buf before iteration j+1 refills it
     }
 
-    // Normalise and store. The warp stages its 16 rows in its own rows of the Q tile (read only
+    // Normalise and store. The warp stages its rows in its own rows of the Q tile (read only
     // by this warp, at j = 0), then writes whole 16-byte pieces of rows < Lq.
-    float inv[2];
+    unsigned short* const staged = s_q + warp * WARP_ROWS * STRIDE;
 #pragma unroll
-    for (int r = 0; r < 2; ++r) {
-        row_sum[r] += __shfl_xor_sync(0xffffffffu, row_sum[r], 1);
-        row_sum[r] += __shfl_xor_sync(0xffffffffu, row_sum[r], 2);
-        inv[r] = 1.0f / row_sum[r];
-    }
-    unsigned short* const staged = s_q + warp * 16 * STRIDE;
+    for (int mt = 0; mt < M_TILES; ++mt) {
+        float inv[2];
 #pragma unroll
-    for (int db = 0; db < DBLOCKS; ++db) {
-        *reinterpret_cast<unsigned*>(staged + g * STRIDE + db * 8 + 2 * t) =
-            E::pack2(o[db][0] * inv[0], o[db][1] * inv[0]);
-        *reinterpret_cast<unsigned*>(staged + (g + 8) * STRIDE + db * 8 + 2 * t) =
-            E::pack2(o[db][2] * inv[1], o[db][3] * inv[1]);
+        for (int r = 0; r < 2; ++r) {
+            row_sum[mt][r] += __shfl_xor_sync(0xffffffffu, row_sum[mt][r], 1);
+            row_sum[mt][r] += __shfl_xor_sync(0xffffffffu, row_sum[mt][r], 2);
+            inv[r] = 1.0f / row_sum[mt][r];
+        }
+        unsigned short* const rows = staged + mt * 16 * STRIDE;
+#pragma unroll
+        for (int db = 0; db < DBLOCKS; ++db) {
+            *reinterpret_cast<unsigned*>(rows + g * STRIDE + db * 8 + 2 * t) =
+                E::pack2(o[mt][db][0] * inv[0], o[mt][db][1] * inv[0]);
+            *reinterpret_cast<unsigned*>(rows + (g + 8) * STRIDE + db * 8 + 2 * t) =
+                E::pack2(o[mt][db][2] * inv[1], o[mt][db][3] * inv[1]);
+        }
     }
     __syncwarp();
-    constexpr int PIECES = 16 * Shape::CHUNKS;
+    constexpr int PIECES = WARP_ROWS * Shape::CHUNKS;
     static_assert(PIECES % 32 == 0, "whole rounds of 16-byte stores");
 #pragma unroll
     for (int it = 0; it < PIECES / 32; ++it) {
         const int i = it * 32 + lane;
         const int r = i / Shape::CHUNKS;
         const int c = i % Shape::CHUNKS;
-        const int row = q0 + warp * 16 + r;
+        const int row = q0 + warp * WARP_ROWS + r;
         if (row < q_len)
             *reinterpret_cast<uint4*>(out_head + static_cast<long long>(row) * D + c * 8) =
                 *reinterpret_cast<const uint4*>(staged + r * STRIDE + c * 8);

@@ -26,17 +26,28 @@ pub const TENSOR_CORE_HEAD_DIMS: [usize; 2] = [64, 128];
 mod flash_cfg {
     /// `blockDim.x`: 4 warps.
     pub const THREADS: u32 = 128;
-    /// Query rows per block (16 per warp).
-    pub const BLOCK_M: usize = 64;
-    /// Keys per K/V tile.
-    pub const BLOCK_N: usize = 64;
+    /// Query rows per block (32 per warp, as two 16-row m-tiles).
+    pub const BLOCK_M: usize = 128;
     /// 16-bit elements of padding per shared-memory row.
     pub const PAD: usize = 8;
 
+    /// Keys per K/V tile at D = 64.
+    pub const BLOCK_N_D64: usize = 64;
+    /// Keys per K/V tile at D = 128 (where S must leave registers for the O accumulators).
+    pub const BLOCK_N_D128: usize = 32;
+
+    /// Keys per K/V tile for head dimension `d` (64 or 128; `FlashShape<D>::BLOCK_N`).
+    pub fn block_n(d: usize) -> usize {
+        if d <= 64 {
+            BLOCK_N_D64
+        } else {
+            BLOCK_N_D128
+        }
+    }
     /// Dynamic shared memory of the kernel for head dimension `d`: the Q tile and two K and two
     /// V tiles of padded 16-bit rows (`FlashShape<D>::SMEM_BYTES`).
     pub fn smem_bytes(d: usize) -> usize {
-        (BLOCK_M + 4 * BLOCK_N) * (d + PAD) * 2
+        (BLOCK_M + 4 * block_n(d)) * (d + PAD) * 2
     }
 }
 
@@ -294,20 +305,21 @@ fn launch_flash<T: AttentionElement>(
     let q_len_i = kernel_int(OP, "Lq", q_len)?;
     let k_len_i = kernel_int(OP, "Lk", k_len)?;
     let d_i = kernel_int(OP, "head dimension", head_dim)?;
-    let (kernel, block_m, threads, smem) = if T::TENSOR_CORES {
+    let (kernel, (block_m, block_n), threads, smem) = if T::TENSOR_CORES {
         let kernel = format!("attention_flash_{}_d{head_dim}", T::DTYPE);
-        (kernel, flash_cfg::BLOCK_M, flash_cfg::THREADS, flash_cfg::smem_bytes(head_dim))
+        let tile = (flash_cfg::BLOCK_M, flash_cfg::block_n(head_dim));
+        (kernel, tile, flash_cfg::THREADS, flash_cfg::smem_bytes(head_dim))
     } else {
         (
             "attention_flash_f32".to_string(),
-            flash_f32_cfg::BLOCK_M,
+            (flash_f32_cfg::BLOCK_M, flash_f32_cfg::BLOCK_N),
             flash_f32_cfg::THREADS,
             flash_f32_cfg::smem_bytes(head_dim),
         )
     };
     // Row indices are formed up to a whole tile past Lq and Lk in int.
     kernel_int(OP, "Lq rounded up to a tile", tiles(q_len, block_m) * block_m)?;
-    kernel_int(OP, "Lk rounded up to a tile", tiles(k_len, flash_cfg::BLOCK_N) * flash_cfg::BLOCK_N)?;
+    kernel_int(OP, "Lk rounded up to a tile", tiles(k_len, block_n) * block_n)?;
     let smem_u32 = u32::try_from(smem).map_err(|_| unsupported(format!("{smem} bytes of shared memory")))?;
     let cfg = launch_config(OP, (tiles(q_len, block_m), heads_total, 1), (threads, 1, 1), smem_u32)?;
     let function = kernels.function(&kernel)?;
@@ -655,7 +667,9 @@ pub(super) mod mirrored_constants {
         let flash = |name| kernel_constant("attention_flash_cfg", name);
         assert_eq!(flash("THREADS"), i64::from(flash_cfg::THREADS));
         assert_eq!(flash("BLOCK_M"), flash_cfg::BLOCK_M as i64);
-        assert_eq!(flash("BLOCK_N"), flash_cfg::BLOCK_N as i64);
+        assert_eq!(flash("BLOCK_N_D64"), flash_cfg::BLOCK_N_D64 as i64);
+        assert_eq!(flash("BLOCK_N_D128"), flash_cfg::BLOCK_N_D128 as i64);
+        assert_eq!(flash("WARPS") * flash("WARP_ROWS"), flash_cfg::BLOCK_M as i64);
         assert_eq!(flash("PAD"), flash_cfg::PAD as i64);
         let f32_flash = |name| kernel_constant("attention_flash_f32_cfg", name);
         assert_eq!(f32_flash("THREADS"), i64::from(flash_f32_cfg::THREADS));
@@ -671,8 +685,8 @@ pub(super) mod mirrored_constants {
     /// 48 KiB; both stay within an H100's 227 KiB per block.
     #[test]
     fn shared_memory_sizes() {
-        assert_eq!(flash_cfg::smem_bytes(64), (64 + 4 * 64) * 72 * 2);
-        assert_eq!(flash_cfg::smem_bytes(128), (64 + 4 * 64) * 136 * 2);
+        assert_eq!(flash_cfg::smem_bytes(64), (128 + 4 * 64) * 72 * 2);
+        assert_eq!(flash_cfg::smem_bytes(128), (128 + 4 * 32) * 136 * 2);
         assert!(flash_cfg::smem_bytes(128) > super::DEFAULT_SMEM);
         assert!(flash_f32_cfg::smem_bytes(flash_f32_cfg::MAX_D) > super::DEFAULT_SMEM);
         for bytes in [flash_cfg::smem_bytes(128), flash_f32_cfg::smem_bytes(flash_f32_cfg::MAX_D)] {
