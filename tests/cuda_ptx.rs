@@ -58,7 +58,7 @@ fn shuffles_at_width_16_and_votes() {
     // width 16: each lane's segment is [base, base + 15].
     let segment = |l: i32| (l & !15, (l & !15) + 15);
     let shfl = |f: &dyn Fn(i32) -> i32| (0..32).map(f).collect::<Vec<_>>();
-    expected.extend(shfl(&|l| (segment(l).0 + ((l * 7) % 32 & 15)) * 10));
+    expected.extend(shfl(&|l| (segment(l).0 + (((l * 7) % 32) & 15)) * 10));
     expected.extend(shfl(&|l| if l - 3 >= segment(l).0 { (l - 3) * 10 } else { l * 10 }));
     expected.extend(shfl(&|l| if l + 5 <= segment(l).1 { (l + 5) * 10 } else { l * 10 }));
     // Butterfly at width 16: a later segment is refused (own value), an earlier one is read.
