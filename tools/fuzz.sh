@@ -1,4 +1,5 @@
 #!/usr/bin/env bash
+# tools/fuzz.sh --list: prints the fuzz targets, one a line.
 # tools/fuzz.sh TARGET SECONDS [libFuzzer flags...]: builds and runs one coverage-guided fuzz
 # target of fuzz/ (libFuzzer through the libfuzzer-sys crate on stable Rust, instrumented with
 # LLVM's SanitizerCoverage: inline 8-bit counters, PC table, comparison tracing) for SECONDS,
@@ -12,6 +13,10 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 targets=$(sed -n 's/^name = "\(.*\)"$/\1/p' fuzz/Cargo.toml | grep -v '^fape-fuzz$')
+if [ "${1:-}" = --list ]; then
+  echo "$targets"
+  exit 0
+fi
 if [ $# -lt 2 ] || ! grep -qx "$1" <<<"$targets" || ! [[ "$2" =~ ^[0-9]+$ ]] || [ "$2" -lt 1 ]; then
   echo "usage: tools/fuzz.sh TARGET SECONDS [libFuzzer flags...]; targets:" $targets >&2
   exit 2
