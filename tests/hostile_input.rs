@@ -6,7 +6,7 @@
 mod common;
 
 use std::collections::BTreeMap;
-use std::io::{Cursor, Read, Write};
+use std::io::{BufRead, BufReader, Cursor, Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -143,31 +143,20 @@ enum Endpoint {
 }
 
 /// Reads one HTTP request (headers and a Content-Length body) from `stream`.
-fn read_request(stream: &mut TcpStream) {
-    let mut raw = Vec::new();
-    let mut buf = [0u8; 1 << 16];
-    loop {
-        let Ok(n) = stream.read(&mut buf) else { return };
-        raw.extend_from_slice(&buf[..n]);
-        if let Some(end) = raw.windows(4).position(|w| w == b"\r\n\r\n") {
-            let head = String::from_utf8_lossy(&raw[..end]).to_ascii_lowercase();
-            let length: usize = head
-                .lines()
-                .find_map(|l| l.strip_prefix("content-length:"))
-                .and_then(|v| v.trim().parse().ok())
-                .unwrap_or(0);
-            if raw.len() >= end + 4 + length {
-                return;
-            }
+fn read_request(stream: &TcpStream) {
+    let mut reader = BufReader::new(stream);
+    let (mut line, mut length) = (String::new(), 0u64);
+    while reader.read_line(&mut line).is_ok_and(|n| n > 2) {
+        if let Some(value) = line.to_ascii_lowercase().strip_prefix("content-length:") {
+            length = value.trim().parse().unwrap_or(0);
         }
-        if n == 0 {
-            return;
-        }
+        line.clear();
     }
+    let _ = std::io::copy(&mut reader.take(length), &mut std::io::sink());
 }
 
 fn respond(mut stream: TcpStream, endpoint: Endpoint) {
-    read_request(&mut stream);
+    read_request(&stream);
     let end = Instant::now() + Duration::from_secs(30);
     let reply = |status: &str, body: &[u8]| {
         let mut raw = format!("HTTP/1.1 {status}\r\nContent-Length: {}\r\n\r\n", body.len()).into_bytes();
