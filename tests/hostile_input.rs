@@ -80,6 +80,15 @@ fn tensor_files_claiming_more_than_they_hold_are_refused_before_allocating() {
 }
 
 #[test]
+fn a_file_that_never_ends_is_read_no_further_than_its_size() {
+    // /dev/zero says it holds 0 bytes and would give zeros for ever.
+    let out = fape_in_2_gib(&["op", "freq-split", "--input", "/dev/zero", "--output", scratch("never.safetensors").to_str().unwrap()]);
+    assert_bad_input(&out, &["/dev/zero", "shorter than 8 bytes"]);
+    let out = fape_in_2_gib(&["weights", "synth", "--config", "/dev/zero", "--out", scratch("never-model").to_str().unwrap()]);
+    assert_bad_input(&out, &["/dev/zero", "not a FLUX config"]);
+}
+
+#[test]
 fn an_index_naming_a_shard_outside_its_folder_is_refused() {
     let model = scratch("escaping-index");
     std::fs::create_dir_all(model.join("transformer")).unwrap();

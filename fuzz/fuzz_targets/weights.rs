@@ -11,10 +11,15 @@ use fape_kernels::testing::load_model_input;
 
 fape_fuzz::capped_allocator!();
 
-/// This process's model folder (`<tmp>/fape-fuzz-weights-<pid>`).
+/// This process's model folder, `fape-fuzz-weights-<pid>` in `/dev/shm` where there is one (every
+/// input writes its files: memory is faster than a disk), else in the temporary folder.
 fn root() -> &'static PathBuf {
     static ROOT: OnceLock<PathBuf> = OnceLock::new();
-    ROOT.get_or_init(|| std::env::temp_dir().join(format!("fape-fuzz-weights-{}", std::process::id())))
+    ROOT.get_or_init(|| {
+        let shm = PathBuf::from("/dev/shm");
+        let dir = if shm.is_dir() { shm } else { std::env::temp_dir() };
+        dir.join(format!("fape-fuzz-weights-{}", std::process::id()))
+    })
 }
 
 libfuzzer_sys::fuzz_target!(|data: &[u8]| {

@@ -4,6 +4,7 @@
 
 use std::collections::BTreeMap;
 use std::fmt;
+use std::io::Read;
 use std::path::Path;
 
 use half::{bf16, f16};
@@ -136,6 +137,28 @@ fn file_error(path: &str, message: impl Into<String>) -> FapeError {
     FapeError::File { path: path.to_string(), message: message.into() }
 }
 
+/// The bytes of the file at `path`, refused unread when it says it holds more than `cap`, and
+/// never more of them than the size it says it has: so a device or pipe that never ends
+/// (`/dev/zero`, size 0) costs nothing. `what` names the kind of file in the error.
+///
+/// # Errors
+/// [`FapeError::File`] naming `path` when it cannot be read or holds more than `cap` bytes.
+pub fn read_bounded(path: &Path, cap: u64, what: &str) -> Result<Vec<u8>> {
+    let shown = path.display().to_string();
+    let cannot = |e: std::io::Error| file_error(&shown, format!("cannot read: {e}"));
+    let file = std::fs::File::open(path).map_err(cannot)?;
+    let len = file.metadata().map_err(cannot)?.len();
+    if len > cap {
+        return Err(file_error(
+            &shown,
+            format!("{}, over the {} {what} may have", header::human_bytes(len), header::human_bytes(cap)),
+        ));
+    }
+    let mut bytes = Vec::new();
+    file.take(len).read_to_end(&mut bytes).map_err(cannot)?;
+    Ok(bytes)
+}
+
 /// The little-endian elements of `bytes`, `N` bytes each, decoded by `from`.
 fn decode<T, const N: usize>(bytes: &[u8], from: fn([u8; N]) -> T) -> Vec<T> {
     let element = |chunk: &[u8]| {
@@ -166,8 +189,7 @@ impl TensorFile {
     /// [`FapeError::File`] when the file cannot be read, or as [`TensorFile::from_bytes`].
     pub fn read(path: &Path) -> Result<Self> {
         let shown = path.display().to_string();
-        let bytes = std::fs::read(path).map_err(|e| file_error(&shown, format!("cannot read: {e}")))?;
-        Self::from_bytes(&shown, &bytes)
+        Self::from_bytes(&shown, &read_bounded(path, u64::MAX, "a tensor file")?)
     }
 
     /// The tensors of the safetensors file held in `bytes`; `path` is what errors name.

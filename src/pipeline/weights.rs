@@ -70,7 +70,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use crate::error::{FapeError, Result};
-use crate::io::header::{self, human_bytes};
+use crate::io::header;
 
 /// The file of an unsharded model.
 pub const SINGLE_FILE: &str = "diffusion_pytorch_model.safetensors";
@@ -193,20 +193,9 @@ fn read_header(path: &Path) -> Result<Vec<(String, StoredTensor)>> {
 /// Reads the index at `path` (at most [`MAX_INDEX_BYTES`]); every shard it names must be a
 /// plain file name in the index's folder.
 fn read_index(path: &Path) -> Result<IndexFile> {
-    let len = std::fs::metadata(path).map_err(|e| file_error(path, format!("cannot stat: {e}")))?.len();
-    if len > MAX_INDEX_BYTES {
-        return Err(file_error(
-            path,
-            format!(
-                "the weight index is {}, over the {} an index may have",
-                human_bytes(len),
-                human_bytes(MAX_INDEX_BYTES)
-            ),
-        ));
-    }
-    let text = std::fs::read_to_string(path).map_err(|e| file_error(path, format!("cannot read: {e}")))?;
+    let bytes = crate::io::read_bounded(path, MAX_INDEX_BYTES, "a weight index")?;
     let index: IndexFile =
-        serde_json::from_str(&text).map_err(|e| file_error(path, format!("not a weight index: {e}")))?;
+        serde_json::from_slice(&bytes).map_err(|e| file_error(path, format!("not a weight index: {e}")))?;
     let plain = |shard: &str| {
         let mut parts = Path::new(shard).components();
         matches!((parts.next(), parts.next()), (Some(std::path::Component::Normal(_)), None))

@@ -24,18 +24,15 @@ pub const MAX_PARAMETERS: u64 = 1 << 40;
 /// The largest config file read: 1 MiB.
 pub const MAX_CONFIG_BYTES: u64 = 1 << 20;
 
-/// The text of the config file at `path`, refused unread when over [`MAX_CONFIG_BYTES`].
+/// The text of the config file at `path`, refused unread when over [`MAX_CONFIG_BYTES`]
+/// ([`crate::io::read_bounded`]).
 ///
 /// # Errors
 /// [`FapeError::File`] naming `path` when it cannot be read, is too large or is not UTF-8.
 pub fn read_config_file(path: &Path) -> Result<String> {
-    let shown = path.display().to_string();
-    let error = |message: String| FapeError::File { path: shown.clone(), message };
-    let len = std::fs::metadata(path).map_err(|e| error(format!("cannot read: {e}")))?.len();
-    if len > MAX_CONFIG_BYTES {
-        return Err(error(format!("{len} bytes, over the {MAX_CONFIG_BYTES} a config file may have")));
-    }
-    std::fs::read_to_string(path).map_err(|e| error(format!("cannot read: {e}")))
+    let bytes = crate::io::read_bounded(path, MAX_CONFIG_BYTES, "a config file")?;
+    String::from_utf8(bytes)
+        .map_err(|e| FapeError::File { path: path.display().to_string(), message: format!("not UTF-8: {e}") })
 }
 
 /// The width of the sinusoidal timestep (and guidance) features, as in FLUX.
