@@ -124,6 +124,20 @@ fn an_image_claiming_100000_by_100000_is_refused_from_its_header() {
     assert_bad_input(&raised, &[shown, "cannot decode"]);
 }
 
+/// A JPEG on which zune-jpeg 0.5.15 (the image crate's decoder) panics in its AVX2 IDCT: found
+/// by the `image` fuzz target.
+const DECODER_PANIC: &[u8] = include_bytes!("data/zune-jpeg-idct-panic.jpg");
+
+#[test]
+fn a_decoder_that_panics_is_an_error_of_one_line() {
+    let message = file_message(Image::from_bytes("panic.jpg", DECODER_PANIC, DEFAULT_MAX_PIXELS));
+    assert!(message.contains("the decoder failed"), "{message}");
+    let path = scratch("decoder-panic.jpg");
+    std::fs::write(&path, DECODER_PANIC).unwrap();
+    let shown = path.to_str().unwrap();
+    assert_bad_input(&fape(&["plan", shown]), &[shown, "the decoder failed"]);
+}
+
 #[test]
 fn the_size_caps_are_in_help() {
     let help = String::from_utf8_lossy(&fape(&["plan", "--help"]).stdout).into_owned();
@@ -353,6 +367,7 @@ fn image_seeds() -> Seeds {
         seed("bad-claims-100000x100000.png", png_claiming(100_000, 100_000)),
         seed("bad-zero-width.png", png_claiming(0, 4)),
         seed("bad-truncated.png", truncated),
+        seed("bad-zune-jpeg-idct-panic.jpg", DECODER_PANIC),
     ]
 }
 

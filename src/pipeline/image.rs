@@ -7,7 +7,10 @@
 //! composited over white (`c * a + (1 - a)`), so a transparent pixel reads as white, as a viewer
 //! shows it on a white page. Saving writes 8-bit RGB (values clamped to `[0,1]` and rounded).
 
+use std::cell::RefCell;
+use std::panic::AssertUnwindSafe;
 use std::path::Path;
+use std::sync::Once;
 
 use crate::error::{FapeError, Result};
 use crate::tensor::View;
@@ -252,7 +255,7 @@ fn decode<R: std::io::BufRead + std::io::Seek>(
         image::ImageError::Limits(e) => over(format!("decoding it needs more memory ({e})")),
         e => file_error(path, format!("cannot decode image: {e}")),
     };
-    let decoder = reader.into_decoder().map_err(failed)?;
+    let decoder = contained(path, || reader.into_decoder().map_err(failed))?;
     let (width, height) = image::ImageDecoder::dimensions(&decoder);
     let pixels = u64::from(width) * u64::from(height);
     if pixels > max_pixels {
@@ -261,7 +264,7 @@ fn decode<R: std::io::BufRead + std::io::Seek>(
     if width == 0 || height == 0 {
         return Err(file_error(path, format!("image has zero size ({width}x{height})")));
     }
-    let decoded = image::DynamicImage::from_decoder(decoder).map_err(failed)?;
+    let decoded = contained(path, || image::DynamicImage::from_decoder(decoder).map_err(failed))?;
     let (width, height) = (decoded.width() as usize, decoded.height() as usize);
     let rgba = decoded.to_rgba32f();
     let plane = width * height;
@@ -277,6 +280,49 @@ fn decode<R: std::io::BufRead + std::io::Seek>(
         }
     }
     Ok(Image { width, height, data })
+}
+
+thread_local! {
+    /// Set while [`contained`] runs a decoder on this thread: then a panic's message is kept
+    /// here (by the hook [`contained`] installs) instead of printed.
+    static DECODER_PANIC: RefCell<Option<Option<String>>> = const { RefCell::new(None) };
+}
+
+/// Runs `decode`, a step of a third-party image decoder, turning a panic in it into a
+/// [`FapeError::File`] naming `path`: decoders have bugs an input can reach (zune-jpeg 0.5.15
+/// unwraps a `None` in its AVX2 IDCT on a 589-byte JPEG the `image` fuzz target found), and a
+/// hostile file must not crash the program. The panic is not printed (an error is one line);
+/// panics anywhere else still go to the hook that was there before.
+fn contained<T>(path: &Path, decode: impl FnOnce() -> Result<T>) -> Result<T> {
+    static HOOK: Once = Once::new();
+    HOOK.call_once(|| {
+        let previous = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            let message = || {
+                let payload = info.payload();
+                let text = payload.downcast_ref::<&str>().copied().or(payload.downcast_ref::<String>().map(String::as_str));
+                let at = info.location().map(|l| format!(" at {}:{}", l.file(), l.line())).unwrap_or_default();
+                format!("{}{at}", text.unwrap_or("a panic")).replace('\n', " ")
+            };
+            let kept = DECODER_PANIC.with(|slot| match slot.try_borrow_mut().as_deref_mut() {
+                Ok(Some(kept)) => {
+                    *kept = Some(message());
+                    true
+                }
+                _ => false,
+            });
+            if !kept {
+                previous(info);
+            }
+        }));
+    });
+    DECODER_PANIC.with(|slot| *slot.borrow_mut() = Some(None));
+    let result = std::panic::catch_unwind(AssertUnwindSafe(decode));
+    let message = DECODER_PANIC.with(|slot| slot.borrow_mut().take()).flatten();
+    result.unwrap_or_else(|_| {
+        let why = message.unwrap_or_else(|| "a panic".into());
+        Err(file_error(path, format!("cannot decode image: the decoder failed ({why})")))
+    })
 }
 
 /// `v` in `[0,1]` as an 8-bit sample (NaN as 0).
