@@ -173,7 +173,6 @@ fn check_typed<T: AttentionElement>(device: &Device, case: &Case, seed: u64, tol
         Ok(got) => CheckRow::compared(op.to_string(), device, case.spelling(), &got.data, &expected.data, tolerance),
         Err(err) => errored(op, err),
     };
-    #[cfg_attr(not(feature = "cuda"), allow(unused_mut))]
     let mut rows = vec![row(&out, attention_typed(device, &data.inputs(), &config))];
     // The naive baseline materialises the scores as `T`: at scores of 1e4, bf16 keeps them to a
     // spacing of 64, which reorders the softmax, so the huge case checks the flash kernel only.
