@@ -59,6 +59,12 @@ pub struct View<'a, T> {
     shape: &'a [usize],
 }
 
+/// The elements of `shape`, `usize::MAX` when the product overflows (so it never equals a
+/// buffer's length).
+fn elements(shape: &[usize]) -> usize {
+    shape.iter().try_fold(1usize, |a, &s| a.checked_mul(s)).unwrap_or(usize::MAX)
+}
+
 impl<'a, T> View<'a, T> {
     /// A view of `data` as a row-major tensor of `shape`.
     ///
@@ -66,7 +72,7 @@ impl<'a, T> View<'a, T> {
     /// [`FapeError::Layout`] when `data.len()` is not the product of `shape`; `op` and `tensor`
     /// name the argument in the message.
     pub fn new(op: &'static str, tensor: &'static str, data: &'a [T], shape: &'a [usize]) -> Result<Self> {
-        let needed: usize = shape.iter().product();
+        let needed = elements(shape);
         if needed != data.len() {
             return Err(FapeError::Layout { op, tensor, len: data.len(), shape: shape.to_vec(), needed });
         }
@@ -99,7 +105,7 @@ impl<T> Tensor<T> {
     /// # Errors
     /// [`FapeError::Layout`] when `data.len()` is not the product of `shape`.
     pub fn new(data: Vec<T>, shape: Vec<usize>) -> Result<Self> {
-        let needed: usize = shape.iter().product();
+        let needed = elements(&shape);
         if needed != data.len() {
             return Err(FapeError::Layout { op: "tensor", tensor: "data", len: data.len(), shape, needed });
         }

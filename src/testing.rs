@@ -125,3 +125,62 @@ fn skip_unless(test: &str, reason: &str, strict_env: &str) {
     }
     eprintln!("SKIP {test}: {reason}");
 }
+
+/// Separates the files of one multi-file fuzz input (the `weights` fuzz target's, and the seeds
+/// `tests/hostile_input.rs` writes for it).
+pub const FILE_SEPARATOR: &[u8] = b"\n@@FILE@@\n";
+
+/// The parts of `data` between [`FILE_SEPARATOR`]s.
+pub fn split_files(data: &[u8]) -> Vec<&[u8]> {
+    let mut parts = Vec::new();
+    let mut rest = data;
+    while let Some(at) = rest.windows(FILE_SEPARATOR.len()).position(|w| w == FILE_SEPARATOR) {
+        parts.push(&rest[..at]);
+        rest = &rest[at + FILE_SEPARATOR.len()..];
+    }
+    parts.push(rest);
+    parts
+}
+
+/// The files of a `weights` fuzz input, in order: the shard index, then three shards.
+pub const MODEL_INPUT_FILES: [&str; 4] =
+    [crate::pipeline::weights::INDEX_FILE, "a.safetensors", "b.safetensors", "c.safetensors"];
+
+/// Loads the model folder a `weights` fuzz input describes: writes each of its
+/// [`split_files`] parts to `dir/transformer/` under its [`MODEL_INPUT_FILES`] name (an empty
+/// or missing part removes that file), opens the folder with
+/// [`crate::pipeline::weights::CheckedSafetensors::open`] and reads every tensor it lists, in
+/// its stored dtype, on the CPU. Returns how many tensors it read.
+///
+/// # Errors
+/// [`FapeError::File`] when a file cannot be written or removed, or a tensor fails to read;
+/// the loader's errors as they are.
+pub fn load_model_input(dir: &std::path::Path, data: &[u8]) -> crate::Result<usize> {
+    use crate::pipeline::weights::CheckedSafetensors;
+    let folder = dir.join("transformer");
+    let failed = |path: &std::path::Path, e: &dyn std::fmt::Display| FapeError::File {
+        path: path.display().to_string(),
+        message: e.to_string(),
+    };
+    std::fs::create_dir_all(&folder).map_err(|e| failed(&folder, &e))?;
+    let parts = split_files(data);
+    for (i, name) in MODEL_INPUT_FILES.iter().enumerate() {
+        let path = folder.join(name);
+        match parts.get(i).filter(|p| !p.is_empty()) {
+            Some(bytes) => std::fs::write(&path, bytes).map_err(|e| failed(&path, &e))?,
+            None => match std::fs::remove_file(&path) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(failed(&path, &e)),
+                _ => {}
+            },
+        }
+    }
+    let model = CheckedSafetensors::open(dir, "transformer")?;
+    let specs = model.specs();
+    for spec in &specs {
+        let dtype = model.dtype_of(&spec.name).unwrap_or(candle_core::DType::F32);
+        model
+            .tensor(&spec.name, Some(&spec.shape), dtype, &candle_core::Device::Cpu)
+            .map_err(|e| failed(&folder, &e))?;
+    }
+    Ok(specs.len())
+}

@@ -11,40 +11,11 @@ use fape_kernels::pipeline::scenes::scene;
 
 mod common;
 use common::cli::{assert_bad_input, fape, scratch};
+use common::files;
 
 fn stdout(out: &Output) -> String {
     assert!(out.status.success(), "fape failed: {}", String::from_utf8_lossy(&out.stderr));
     String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-/// A PNG whose header claims a zero width (valid chunk CRCs, so only the extent is wrong).
-fn zero_width_png() -> Vec<u8> {
-    fn crc32(bytes: &[u8]) -> u32 {
-        let mut crc = !0u32;
-        for &b in bytes {
-            crc ^= b as u32;
-            for _ in 0..8 {
-                crc = if crc & 1 == 1 { (crc >> 1) ^ 0xEDB8_8320 } else { crc >> 1 };
-            }
-        }
-        !crc
-    }
-    fn chunk(out: &mut Vec<u8>, kind: &[u8; 4], data: &[u8]) {
-        out.extend_from_slice(&(data.len() as u32).to_be_bytes());
-        let start = out.len();
-        out.extend_from_slice(kind);
-        out.extend_from_slice(data);
-        let crc = crc32(&out[start..]);
-        out.extend_from_slice(&crc.to_be_bytes());
-    }
-    let mut png = b"\x89PNG\r\n\x1a\n".to_vec();
-    let mut header = Vec::new();
-    header.extend_from_slice(&0u32.to_be_bytes());
-    header.extend_from_slice(&4u32.to_be_bytes());
-    header.extend_from_slice(&[8, 2, 0, 0, 0]);
-    chunk(&mut png, b"IHDR", &header);
-    chunk(&mut png, b"IEND", &[]);
-    png
 }
 
 #[test]
@@ -88,7 +59,7 @@ fn bad_images_exit_2_with_one_line_naming_the_file() {
     let empty = scratch("empty.png");
     std::fs::write(&empty, b"").unwrap();
     let zero = scratch("zero.png");
-    std::fs::write(&zero, zero_width_png()).unwrap();
+    std::fs::write(&zero, files::png_claiming(0, 4)).unwrap();
     for path in [&missing, &text, &empty, &zero] {
         let shown = path.to_str().unwrap();
         assert_bad_input(&fape(&["plan", shown]), &[shown]);

@@ -8,11 +8,15 @@ use crate::tensor::{expect_nonempty, expect_shape, Real, Tensor, View};
 
 pub(crate) const OP: &str = "token_lowpass";
 
+/// The most taps a filter may have (a filter is allocated and applied per token, so a config
+/// must not ask for an unbounded one; 9 is the default, the fused CUDA path takes up to 101).
+pub const MAX_TAPS: usize = 4095;
+
 /// The normalised Gaussian FIR: `taps` weights `exp(-k^2 / (2 sigma^2))`, `k = j - (taps-1)/2`,
 /// scaled to sum 1.
 ///
 /// # Errors
-/// [`crate::FapeError::Config`] when `taps` is even or zero, or `sigma` is not a positive finite number.
+/// [`crate::FapeError::Config`] when `taps` is even, zero or over [`MAX_TAPS`], or `sigma` is not a positive finite number.
 pub fn gaussian_taps(taps: usize, sigma: f64) -> Result<Vec<f64>> {
     validate_filter(OP, taps, sigma)?;
     let center = (taps - 1) as f64 / 2.0;
@@ -27,8 +31,8 @@ pub fn gaussian_taps(taps: usize, sigma: f64) -> Result<Vec<f64>> {
 }
 
 pub(crate) fn validate_filter(op: &'static str, taps: usize, sigma: f64) -> Result<()> {
-    if taps == 0 || taps.is_multiple_of(2) {
-        return Err(config_error(op, "taps", format!("must be odd and positive, got {taps}")));
+    if taps == 0 || taps.is_multiple_of(2) || taps > MAX_TAPS {
+        return Err(config_error(op, "taps", format!("must be odd, positive and at most {MAX_TAPS}, got {taps}")));
     }
     if !(sigma.is_finite() && sigma > 0.0) {
         return Err(config_error(op, "sigma", format!("must be a positive finite number, got {sigma}")));

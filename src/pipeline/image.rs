@@ -7,7 +7,10 @@
 //! composited over white (`c * a + (1 - a)`), so a transparent pixel reads as white, as a viewer
 //! shows it on a white page. Saving writes 8-bit RGB (values clamped to `[0,1]` and rounded).
 
+use std::cell::RefCell;
+use std::panic::AssertUnwindSafe;
 use std::path::Path;
+use std::sync::Once;
 
 use crate::error::{FapeError, Result};
 use crate::tensor::View;
@@ -137,37 +140,36 @@ impl Image {
     }
 
     /// Reads a PNG, JPEG or TIFF file (the format is read from the content, not the extension)
-    /// into RGB `[0,1]`, converting as the module documentation says.
+    /// into RGB `[0,1]`, converting as the module documentation says, refusing images of more
+    /// than [`DEFAULT_MAX_PIXELS`] (see [`Image::load_limited`]).
+    ///
+    /// # Errors
+    /// As [`Image::load_limited`].
+    pub fn load(path: &Path) -> Result<Self> {
+        Self::load_limited(path, DEFAULT_MAX_PIXELS)
+    }
+
+    /// [`Image::load`] with a limit of `max_pixels` (width x height): the header's size is
+    /// checked against it before the pixels are decoded, and the decoder may allocate at most
+    /// [`decode_budget`]`(max_pixels)` bytes, so a small file that claims a huge image costs
+    /// nothing but the error.
     ///
     /// # Errors
     /// [`FapeError::File`] naming `path` when the file cannot be opened, is not an image in a
-    /// supported format, is truncated or corrupt, has zero width or height, or holds a
-    /// non-finite sample.
-    pub fn load(path: &Path) -> Result<Self> {
+    /// supported format, is truncated or corrupt, claims more than `max_pixels` pixels (the
+    /// message gives the claimed size and the limit) or needs more memory to decode than the
+    /// limit allows, has zero width or height, or holds a non-finite sample.
+    pub fn load_limited(path: &Path, max_pixels: u64) -> Result<Self> {
         let reader = image::ImageReader::open(path).map_err(|e| file_error(path, format!("cannot open: {e}")))?;
-        let reader = reader.with_guessed_format().map_err(|e| file_error(path, format!("cannot read: {e}")))?;
-        if reader.format().is_none() {
-            return Err(file_error(path, "not a PNG, JPEG or TIFF image"));
-        }
-        let decoded = reader.decode().map_err(|e| file_error(path, format!("cannot decode image: {e}")))?;
-        let (width, height) = (decoded.width() as usize, decoded.height() as usize);
-        if width == 0 || height == 0 {
-            return Err(file_error(path, format!("image has zero size ({width}x{height})")));
-        }
-        let rgba = decoded.to_rgba32f();
-        let plane = width * height;
-        let mut data = vec![0.0f32; 3 * plane];
-        for (i, px) in rgba.pixels().enumerate() {
-            let [r, g, b, a] = px.0;
-            if ![r, g, b, a].iter().all(|v| v.is_finite()) {
-                return Err(file_error(path, format!("pixel {} holds a non-finite sample", i)));
-            }
-            let a = a.clamp(0.0, 1.0);
-            for (c, v) in [r, g, b].into_iter().enumerate() {
-                data[c * plane + i] = v.clamp(0.0, 1.0) * a + (1.0 - a);
-            }
-        }
-        Ok(Self { width, height, data })
+        decode(path, reader, max_pixels)
+    }
+
+    /// [`Image::load_limited`] of a file's contents held in memory; `name` is what errors name.
+    ///
+    /// # Errors
+    /// As [`Image::load_limited`].
+    pub fn from_bytes(name: &str, bytes: &[u8], max_pixels: u64) -> Result<Self> {
+        decode(Path::new(name), image::ImageReader::new(std::io::Cursor::new(bytes)), max_pixels)
     }
 
     /// Writes the image as 8-bit RGB; the format follows the extension (`.png`, `.jpg`/`.jpeg`,
@@ -215,6 +217,112 @@ impl Image {
         }
         image::RgbImage::from_raw(w, h, bytes).ok_or_else(|| "buffer does not match the image size".to_string())
     }
+}
+
+/// The largest image [`Image::load`] reads: 8192 x 8192 = 67,108,864 pixels (the `fape`
+/// commands' `--max-image-pixels` default).
+pub const DEFAULT_MAX_PIXELS: u64 = 1 << 26;
+
+/// Widest sample layout a decoder produces: RGBA of f32, 16 bytes per pixel.
+const MAX_DECODED_BYTES_PER_PIXEL: u64 = 16;
+
+/// What a decoder may allocate beyond the pixels (metadata, ICC profiles, line buffers).
+const DECODE_SLACK_BYTES: u64 = 16 << 20;
+
+/// The bytes a decoder may allocate for an image of at most `max_pixels` pixels: the pixels in
+/// the widest layout plus 16 MiB.
+pub fn decode_budget(max_pixels: u64) -> u64 {
+    max_pixels.saturating_mul(MAX_DECODED_BYTES_PER_PIXEL).saturating_add(DECODE_SLACK_BYTES)
+}
+
+/// Decodes the image `reader` holds (read from `path`) as [`Image::load_limited`] says.
+fn decode<R: std::io::BufRead + std::io::Seek>(
+    path: &Path,
+    reader: image::ImageReader<R>,
+    max_pixels: u64,
+) -> Result<Image> {
+    let mut reader = reader.with_guessed_format().map_err(|e| file_error(path, format!("cannot read: {e}")))?;
+    if reader.format().is_none() {
+        return Err(file_error(path, "not a PNG, JPEG or TIFF image"));
+    }
+    let mut limits = image::Limits::default();
+    limits.max_alloc = Some(decode_budget(max_pixels));
+    reader.limits(limits);
+    let over = |what: String| {
+        file_error(path, format!("{what}, over the limit of {max_pixels} pixels (--max-image-pixels raises it)"))
+    };
+    let failed = |e: image::ImageError| match e {
+        image::ImageError::Limits(e) => over(format!("decoding it needs more memory ({e})")),
+        e => file_error(path, format!("cannot decode image: {e}")),
+    };
+    let decoder = contained(path, || reader.into_decoder().map_err(failed))?;
+    let (width, height) = image::ImageDecoder::dimensions(&decoder);
+    let pixels = u64::from(width) * u64::from(height);
+    if pixels > max_pixels {
+        return Err(over(format!("image claims {width}x{height} = {pixels} pixels")));
+    }
+    if width == 0 || height == 0 {
+        return Err(file_error(path, format!("image has zero size ({width}x{height})")));
+    }
+    let decoded = contained(path, || image::DynamicImage::from_decoder(decoder).map_err(failed))?;
+    let (width, height) = (decoded.width() as usize, decoded.height() as usize);
+    let rgba = decoded.to_rgba32f();
+    let plane = width * height;
+    let mut data = vec![0.0f32; 3 * plane];
+    for (i, px) in rgba.pixels().enumerate() {
+        let [r, g, b, a] = px.0;
+        if ![r, g, b, a].iter().all(|v| v.is_finite()) {
+            return Err(file_error(path, format!("pixel {i} holds a non-finite sample")));
+        }
+        let a = a.clamp(0.0, 1.0);
+        for (c, v) in [r, g, b].into_iter().enumerate() {
+            data[c * plane + i] = v.clamp(0.0, 1.0) * a + (1.0 - a);
+        }
+    }
+    Ok(Image { width, height, data })
+}
+
+thread_local! {
+    /// Set while [`contained`] runs a decoder on this thread: then a panic's message is kept
+    /// here (by the hook [`contained`] installs) instead of printed.
+    static DECODER_PANIC: RefCell<Option<Option<String>>> = const { RefCell::new(None) };
+}
+
+/// Runs `decode`, a step of a third-party image decoder, turning a panic in it into a
+/// [`FapeError::File`] naming `path`: decoders have bugs an input can reach (zune-jpeg 0.5.15
+/// unwraps a `None` in its AVX2 IDCT on a 589-byte JPEG the `image` fuzz target found), and a
+/// hostile file must not crash the program. The panic is not printed (an error is one line);
+/// panics anywhere else still go to the hook that was there before.
+fn contained<T>(path: &Path, decode: impl FnOnce() -> Result<T>) -> Result<T> {
+    static HOOK: Once = Once::new();
+    HOOK.call_once(|| {
+        let previous = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            let message = || {
+                let payload = info.payload();
+                let text = payload.downcast_ref::<&str>().copied().or(payload.downcast_ref::<String>().map(String::as_str));
+                let at = info.location().map(|l| format!(" at {}:{}", l.file(), l.line())).unwrap_or_default();
+                format!("{}{at}", text.unwrap_or("a panic")).replace('\n', " ")
+            };
+            let kept = DECODER_PANIC.with(|slot| match slot.try_borrow_mut().as_deref_mut() {
+                Ok(Some(kept)) => {
+                    *kept = Some(message());
+                    true
+                }
+                _ => false,
+            });
+            if !kept {
+                previous(info);
+            }
+        }));
+    });
+    DECODER_PANIC.with(|slot| *slot.borrow_mut() = Some(None));
+    let result = std::panic::catch_unwind(AssertUnwindSafe(decode));
+    let message = DECODER_PANIC.with(|slot| slot.borrow_mut().take()).flatten();
+    result.unwrap_or_else(|_| {
+        let why = message.unwrap_or_else(|| "a panic".into());
+        Err(file_error(path, format!("cannot decode image: the decoder failed ({why})")))
+    })
 }
 
 /// `v` in `[0,1]` as an 8-bit sample (NaN as 0).

@@ -394,6 +394,28 @@ fn validate(image: &Image) -> Result<()> {
     Ok(())
 }
 
+/// What the VAE encodes for `image`: the [`Geometry`] for a longest side `max_side` and a
+/// `grid` multiple, and the image downscaled to `geometry.work` when it is larger, reflect-padded
+/// to `geometry.padded` and mapped to [-1, 1], planar `[3, ph, pw]` (steps 1 and 2 of the module
+/// docs).
+///
+/// # Errors
+/// [`FapeError::Layout`] for an empty image or one whose data does not match its size;
+/// [`FapeError::Config`] when `max_side` or `grid` is 0, or an extent is too large to resize.
+pub fn vae_input(image: &Image, max_side: usize, grid: usize) -> Result<(Geometry, Vec<f32>)> {
+    validate(image)?;
+    if max_side == 0 || grid == 0 {
+        return Err(config_error("restore", "max_side/grid", format!("must be positive, got {max_side} / {grid}")));
+    }
+    let geometry = Geometry::new(image.height, image.width, max_side, grid);
+    let signed = if geometry.work == geometry.input {
+        padded_signed(image, geometry.padded)
+    } else {
+        padded_signed(&resized(image, geometry.work.0, geometry.work.1)?, geometry.padded)
+    };
+    Ok((geometry, signed))
+}
+
 /// Restores `image` (any size) with `pipeline` along the transformer's `path`: see the module
 /// docs for the stages and how sizes are handled.
 ///
@@ -406,16 +428,8 @@ pub fn restore(image: &Image, pipeline: &Pipeline, path: ExecPath) -> Result<Res
     let mut peak = PeakMemory::Unknown;
     let (plan, planner_time) = timed(device, "planner", &mut peak, || plan(image))?;
 
-    let geometry = Geometry::new(image.height, image.width, pipeline.max_side, pipeline.grid());
-    let downscaled;
-    let work = if geometry.work == geometry.input {
-        image
-    } else {
-        downscaled = resized(image, geometry.work.0, geometry.work.1)?;
-        &downscaled
-    };
+    let (geometry, signed) = vae_input(image, pipeline.max_side, pipeline.grid())?;
     let (ph, pw) = geometry.padded;
-    let signed = padded_signed(work, geometry.padded);
 
     let (latent, encode_time) = timed(device, "vae-encode", &mut peak, || {
         let x = Tensor::from_vec(signed, (1, 3, ph, pw), device).and_then(|t| t.to_dtype(pipeline.dtype));

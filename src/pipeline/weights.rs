@@ -24,6 +24,12 @@
 //! not). Each failure is a [`FapeError::File`] naming the folder and the tensor, wrapped in
 //! candle's error where it surfaces through a `VarBuilder`.
 //!
+//! Every header is checked against its file before anything else is read
+//! ([`crate::io::header`]: a tensor claiming more bytes than the file holds is an error naming it
+//! and the claim), so opening a folder allocates no more than its headers, and reading a tensor
+//! no more than its bytes in the file. The index is read only up to [`MAX_INDEX_BYTES`], and
+//! each shard it names must be a plain file name in its own folder (no `..`, no absolute path).
+//!
 //! # Synthetic weights
 //!
 //! Every element of tensor `name` is a function of `(seed, name, index)` alone, so a tensor does
@@ -48,7 +54,7 @@
 //! files [`write_synthetic`] wrote for the same seed and dtype give bit-identical tensors.
 
 use std::borrow::Cow;
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::fs::File;
 use std::io::{Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
@@ -64,11 +70,14 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use crate::error::{FapeError, Result};
+use crate::io::header;
 
 /// The file of an unsharded model.
 pub const SINGLE_FILE: &str = "diffusion_pytorch_model.safetensors";
 /// The index of a sharded model.
 pub const INDEX_FILE: &str = "diffusion_pytorch_model.safetensors.index.json";
+/// The largest weight index read: 64 MiB (FLUX.1-dev's is about 120 KiB).
+pub const MAX_INDEX_BYTES: u64 = 64 << 20;
 /// The default largest shard [`write_synthetic`] writes: 4 GiB.
 pub const DEFAULT_SHARD_BYTES: u64 = 4 << 30;
 
@@ -124,13 +133,6 @@ pub struct CheckedSafetensors {
     tensors: BTreeMap<String, StoredTensor>,
 }
 
-#[derive(Deserialize)]
-struct HeaderEntry {
-    dtype: String,
-    shape: Vec<usize>,
-    data_offsets: [u64; 2],
-}
-
 #[derive(Serialize, Deserialize)]
 struct IndexFile {
     #[serde(default)]
@@ -166,49 +168,45 @@ fn safetensors_dtype(dtype: DType) -> Result<safetensors::Dtype> {
     }
 }
 
-/// Reads the header of the safetensors file at `path`: each tensor's dtype, shape and location.
+/// Reads the header of the safetensors file at `path` (checked by [`header::read_header`]):
+/// each tensor's dtype, shape and location.
 fn read_header(path: &Path) -> Result<Vec<(String, StoredTensor)>> {
+    let shown = path.display().to_string();
     let mut file = File::open(path).map_err(|e| file_error(path, format!("cannot open: {e}")))?;
     let file_len = file.metadata().map_err(|e| file_error(path, format!("cannot stat: {e}")))?.len();
-    let mut len_bytes = [0u8; 8];
-    file.read_exact(&mut len_bytes).map_err(|_| file_error(path, "not a safetensors file: shorter than 8 bytes"))?;
-    let header_len = u64::from_le_bytes(len_bytes);
-    if header_len > 100 << 20 || 8 + header_len > file_len {
-        return Err(file_error(path, format!("not a safetensors file: header length {header_len} past the file")));
-    }
-    let mut header = vec![0u8; header_len as usize];
-    file.read_exact(&mut header).map_err(|e| file_error(path, format!("cannot read the header: {e}")))?;
-    let mut entries: HashMap<String, serde_json::Value> = serde_json::from_slice(&header)
-        .map_err(|e| file_error(path, format!("not a safetensors file: bad header: {e}")))?;
-    entries.remove("__metadata__");
-    let data_start = 8 + header_len;
     let shared = Arc::new(path.to_path_buf());
-    let mut out = Vec::with_capacity(entries.len());
-    for (name, value) in entries {
-        let entry: HeaderEntry = serde_json::from_value(value)
-            .map_err(|e| file_error(path, format!("tensor `{name}`: bad header entry: {e}")))?;
-        let dtype = candle_dtype(&entry.dtype).ok_or_else(|| {
-            file_error(path, format!("tensor `{name}` has dtype {} that candle cannot hold", entry.dtype))
-        })?;
-        let [start, end] = entry.data_offsets;
-        let elements = entry.shape.iter().try_fold(1u64, |a, &s| a.checked_mul(s as u64));
-        let needed = elements.and_then(|n| n.checked_mul(dtype.size_in_bytes() as u64));
-        if end < start || Some(end - start) != needed || data_start + end > file_len {
-            return Err(file_error(
-                path,
-                format!("tensor `{name}`: offsets [{start},{end}) do not fit shape {:?} of {dtype:?} or the file (truncated?)", entry.shape),
-            ));
-        }
-        let stored = StoredTensor {
-            file: shared.clone(),
-            dtype,
-            shape: entry.shape,
-            offset: data_start + start,
-            bytes: (end - start) as usize,
-        };
-        out.push((name, stored));
+    header::read_header(&shown, &mut file, file_len)?
+        .into_iter()
+        .map(|entry| {
+            let dtype = candle_dtype(&entry.dtype).ok_or_else(|| {
+                file_error(path, format!("tensor `{}` has dtype {} that candle cannot hold", entry.name, entry.dtype))
+            })?;
+            // read_header checked the bytes against the file's length, so they are there to read.
+            let bytes = usize::try_from(entry.bytes)
+                .map_err(|_| file_error(path, format!("tensor `{}` is larger than this machine's memory", entry.name)))?;
+            let stored = StoredTensor { file: shared.clone(), dtype, shape: entry.shape, offset: entry.offset, bytes };
+            Ok((entry.name, stored))
+        })
+        .collect()
+}
+
+/// Reads the index at `path` (at most [`MAX_INDEX_BYTES`]); every shard it names must be a
+/// plain file name in the index's folder.
+fn read_index(path: &Path) -> Result<IndexFile> {
+    let bytes = crate::io::read_bounded(path, MAX_INDEX_BYTES, "a weight index")?;
+    let index: IndexFile =
+        serde_json::from_slice(&bytes).map_err(|e| file_error(path, format!("not a weight index: {e}")))?;
+    let plain = |shard: &str| {
+        let mut parts = Path::new(shard).components();
+        matches!((parts.next(), parts.next()), (Some(std::path::Component::Normal(_)), None))
+    };
+    if let Some((name, shard)) = index.weight_map.iter().find(|(_, shard)| !plain(shard)) {
+        return Err(file_error(
+            path,
+            format!("tensor `{name}` is put in `{shard}`, which is not a file name in the index's folder"),
+        ));
     }
-    Ok(out)
+    Ok(index)
 }
 
 impl CheckedSafetensors {
@@ -217,20 +215,13 @@ impl CheckedSafetensors {
     ///
     /// # Errors
     /// [`FapeError::File`] when the folder has no safetensors file, a file is unreadable or not
-    /// safetensors (bad header, truncated), the index names a missing file or a tensor its file
-    /// lacks, or a tensor name appears in two files.
+    /// safetensors (bad header, truncated, a tensor past the end), the index is over
+    /// [`MAX_INDEX_BYTES`], is not an index, names a shard outside the folder, a missing file or
+    /// a tensor its file lacks, or a tensor name appears in two files.
     pub fn open(dir: &Path, subfolder: &str) -> Result<Self> {
         let folder = dir.join(subfolder);
         let index_path = folder.join(INDEX_FILE);
-        let index = if index_path.is_file() {
-            let text = std::fs::read_to_string(&index_path)
-                .map_err(|e| file_error(&index_path, format!("cannot read: {e}")))?;
-            let index: IndexFile =
-                serde_json::from_str(&text).map_err(|e| file_error(&index_path, format!("not a weight index: {e}")))?;
-            Some(index)
-        } else {
-            None
-        };
+        let index = if index_path.is_file() { Some(read_index(&index_path)?) } else { None };
         let files: Vec<PathBuf> = match &index {
             Some(index) => {
                 let mut names: Vec<&String> = index.weight_map.values().collect();

@@ -3,6 +3,7 @@
 #![allow(dead_code)] // each test crate uses a part
 
 pub mod cli;
+pub mod files;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};

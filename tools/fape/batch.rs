@@ -6,11 +6,11 @@ use std::path::{Path, PathBuf};
 use std::str::FromStr;
 
 use fape_kernels::pipeline::flux::ExecPath;
-use fape_kernels::pipeline::image::Image;
 use fape_kernels::pipeline::restore::{restore, Pipeline};
 use fape_kernels::{FapeError, Result};
 use indicatif::{ProgressBar, ProgressStyle};
 
+use crate::image_limit::ImageLimitArgs;
 use crate::restore::{synthetic_note, PipelineArgs};
 
 /// The file extensions `fape restore` reads from a folder and writes (compared case-insensitively).
@@ -98,8 +98,8 @@ fn prepare_output(dir: &Path, out_dir: &Path) -> Result<()> {
 
 /// Restores `input` to `target`, writing a temporary file beside it first so that an
 /// interrupted run never leaves a partial output a rerun would skip.
-fn restore_one(input: &Path, target: &Path, pipeline: &Pipeline, path: ExecPath) -> Result<String> {
-    let image = Image::load(input)?;
+fn restore_one(input: &Path, target: &Path, pipeline: &Pipeline, images: ImageLimitArgs, path: ExecPath) -> Result<String> {
+    let image = images.load(input)?;
     let named = |err: FapeError| file_error(input, err.to_string());
     let restored = restore(&image, pipeline, path).map_err(named)?;
     let name = target.file_name().and_then(|n| n.to_str()).unwrap_or("output");
@@ -121,7 +121,7 @@ fn restore_one(input: &Path, target: &Path, pipeline: &Pipeline, path: ExecPath)
 /// # Errors
 /// An unreadable or empty `dir`, an unusable `out_dir`, pipeline load errors; after the run,
 /// [`FapeError::File`] naming `dir` when any image failed.
-pub fn run(dir: &Path, out_dir: &Path, shard: Option<Shard>, pipeline: &PipelineArgs, path: ExecPath) -> Result<()> {
+pub fn run(dir: &Path, out_dir: &Path, shard: Option<Shard>, args: &PipelineArgs, path: ExecPath) -> Result<()> {
     let all = images_in(dir)?;
     let total = all.len();
     prepare_output(dir, out_dir)?;
@@ -139,7 +139,7 @@ pub fn run(dir: &Path, out_dir: &Path, shard: Option<Shard>, pipeline: &Pipeline
     if todo.is_empty() {
         return Ok(());
     }
-    let pipeline = pipeline.load(false)?;
+    let pipeline = args.load(false)?;
     let note = synthetic_note(pipeline.weights());
     if let Some(note) = &note {
         println!("{note}");
@@ -150,7 +150,7 @@ pub fn run(dir: &Path, out_dir: &Path, shard: Option<Shard>, pipeline: &Pipeline
     let mut failed = 0usize;
     for (target, input) in &todo {
         bar.set_message(input.display().to_string());
-        match restore_one(input, target, &pipeline, path) {
+        match restore_one(input, target, &pipeline, args.images, path) {
             Ok(summary) => bar.suspend(|| println!("restored {} -> {} ({summary})", input.display(), target.display())),
             Err(err) => {
                 failed += 1;

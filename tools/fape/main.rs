@@ -7,6 +7,7 @@
 mod batch;
 mod bench;
 mod check;
+mod image_limit;
 mod op;
 mod plan;
 mod restore;

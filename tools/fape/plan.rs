@@ -5,10 +5,11 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::{Args, ValueEnum};
-use fape_kernels::pipeline::image::Image;
 use fape_kernels::pipeline::planner::openai::OpenAiPlanner;
 use fape_kernels::pipeline::planner::{self, Plan};
 use fape_kernels::{FapeError, Result};
+
+use crate::image_limit::ImageLimitArgs;
 
 /// Which planner writes the plan.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -35,7 +36,10 @@ pub struct PlanArgs {
     /// openai: the model name the endpoint serves.
     #[arg(long)]
     model: Option<String>,
-    /// openai: seconds allowed to connect and for each read or write [default: 120].
+    /// The size limit of the image.
+    #[command(flatten)]
+    images: ImageLimitArgs,
+    /// openai: seconds each request may take, connecting to the last byte of the reply (two requests at most) [default: 120].
     #[arg(long)]
     timeout: Option<f64>,
 }
@@ -52,7 +56,7 @@ fn flag_error(field: &'static str, message: impl Into<String>) -> FapeError {
 /// planner, or the openai planner without --endpoint or --model; a timeout that is not a
 /// positive number of seconds.
 pub fn run(args: PlanArgs) -> Result<()> {
-    let image = Image::load(&args.image)?;
+    let image = args.images.load(&args.image)?;
     let (plan, source) = match args.planner {
         PlannerKind::Builtin => {
             let given = [

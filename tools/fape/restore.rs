@@ -7,11 +7,11 @@ use std::path::PathBuf;
 use candle_core::{DType, Device};
 use clap::{Args, ValueEnum};
 use fape_kernels::pipeline::flux::ExecPath;
-use fape_kernels::pipeline::image::Image;
 use fape_kernels::pipeline::restore::{restore, Pipeline, WeightsSource};
 use fape_kernels::{FapeError, Result};
 
 use crate::batch::{self, Shard};
+use crate::image_limit::ImageLimitArgs;
 
 /// Where the pipeline runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -70,6 +70,9 @@ pub struct PipelineArgs {
     /// Weights and activations dtype [default: bf16 on CUDA, f32 on the CPU].
     #[arg(long, value_enum)]
     pub dtype: Option<DtypeArg>,
+    /// The size limit of the images read.
+    #[command(flatten)]
+    pub images: ImageLimitArgs,
 }
 
 impl PipelineArgs {
@@ -186,7 +189,7 @@ pub fn run(args: RestoreArgs) -> Result<()> {
             message: "output must end in .png, .jpg, .jpeg, .tif or .tiff".into(),
         });
     }
-    let image = Image::load(&args.input)?;
+    let image = args.pipeline.images.load(&args.input)?;
     let pipeline = args.pipeline.load(false)?;
     let note = synthetic_note(pipeline.weights());
     if let Some(note) = &note {

@@ -4,9 +4,10 @@ use std::path::PathBuf;
 
 use clap::Args;
 use fape_kernels::freq::{FreqSplitConfig, MaskKind};
-use fape_kernels::pipeline::image::Image;
 use fape_kernels::pipeline::split::{split_images, HIGH_OFFSET};
 use fape_kernels::{Device, DeviceKind, FapeError, Result};
+
+use crate::image_limit::ImageLimitArgs;
 
 #[derive(Args)]
 pub struct SplitArgs {
@@ -21,6 +22,9 @@ pub struct SplitArgs {
     /// Mask shape, hard or gaussian [default: hard].
     #[arg(long)]
     mask: Option<MaskKind>,
+    /// The size limit of the image.
+    #[command(flatten)]
+    images: ImageLimitArgs,
     /// Backend to run the split on.
     #[arg(long, default_value = "cpu", value_name = "reference|cpu|cube|cuda")]
     device: DeviceKind,
@@ -34,7 +38,7 @@ pub struct SplitArgs {
 /// An unreadable or non-image input, an invalid cutoff, an unavailable backend, an output
 /// directory that cannot be created or written.
 pub fn run(args: SplitArgs) -> Result<()> {
-    let image = Image::load(&args.input)?;
+    let image = args.images.load(&args.input)?;
     let d = FreqSplitConfig::default();
     let config = FreqSplitConfig { cutoff: args.cutoff.unwrap_or(d.cutoff), mask: args.mask.unwrap_or(d.mask), ..d };
     let device = Device::open(args.device)?;

@@ -38,6 +38,9 @@ struct SynthArgs {
     /// A JSON executor config instead of a preset (format in `FluxConfig::from_file`).
     #[arg(long)]
     config: Option<PathBuf>,
+    /// A JSON autoencoder config (format in `VaeConfig::from_file`): writes OUT/vae/ from it.
+    #[arg(long)]
+    vae_config: Option<PathBuf>,
     /// The weights directory: the files go to OUT/transformer/ and OUT/vae/.
     #[arg(long)]
     out: PathBuf,
@@ -55,7 +58,7 @@ struct SynthArgs {
 /// Runs `fape weights`.
 ///
 /// # Errors
-/// An unknown preset, an invalid config file or shard size, or a file that cannot be written.
+/// An unknown preset, an invalid or oversized config file, an invalid shard size, or a file that cannot be written.
 pub fn run(args: WeightsArgs) -> Result<()> {
     let WeightsCommand::Synth(args) = args.command;
     let cfg = match (&args.preset, &args.config) {
@@ -72,8 +75,12 @@ pub fn run(args: WeightsArgs) -> Result<()> {
         WeightDtype::F32 => DType::F32,
     };
     let shard_bytes = (args.shard_gib * (1u64 << 30) as f64) as u64;
-    // A preset names both models; a config file describes the transformer only.
-    let vae_config = args.preset.as_deref().map(VaeConfig::preset).transpose()?;
+    // A preset names both models; --config describes the transformer only, --vae-config the
+    // autoencoder.
+    let vae_config = match (&args.vae_config, &args.preset) {
+        (Some(path), _) => Some(VaeConfig::from_file(path)?),
+        (None, preset) => preset.as_deref().map(VaeConfig::preset).transpose()?,
+    };
     let mut parts = vec![(cfg.name.clone(), TRANSFORMER_SUBFOLDER, flux::tensor_specs(&cfg)?)];
     if let Some(vae_config) = &vae_config {
         parts.push((format!("{} autoencoder", cfg.name), VAE_SUBFOLDER, vae::tensor_specs(vae_config)?));
@@ -90,7 +97,7 @@ pub fn run(args: WeightsArgs) -> Result<()> {
         );
     }
     if vae_config.is_none() {
-        println!("no autoencoder written: --config describes the transformer only (use --preset for both)");
+        println!("no autoencoder written: --config describes the transformer only (add --vae-config, or use --preset)");
     }
     Ok(())
 }

@@ -15,6 +15,26 @@ fn config_error(field: &'static str, message: impl Into<String>) -> FapeError {
     FapeError::Config { op: OP, field, message: message.into() }
 }
 
+/// The largest extent (width, heads, blocks, tokens, experts, rank) a config may give.
+pub const MAX_EXTENT: usize = 1 << 20;
+
+/// The most parameters a config may describe: 2^40 (FLUX.1-dev has about 1.2 x 10^10).
+pub const MAX_PARAMETERS: u64 = 1 << 40;
+
+/// The largest config file read: 1 MiB.
+pub const MAX_CONFIG_BYTES: u64 = 1 << 20;
+
+/// The text of the config file at `path`, refused unread when over [`MAX_CONFIG_BYTES`]
+/// ([`crate::io::read_bounded`]).
+///
+/// # Errors
+/// [`FapeError::File`] naming `path` when it cannot be read, is too large or is not UTF-8.
+pub fn read_config_file(path: &Path) -> Result<String> {
+    let bytes = crate::io::read_bounded(path, MAX_CONFIG_BYTES, "a config file")?;
+    String::from_utf8(bytes)
+        .map_err(|e| FapeError::File { path: path.display().to_string(), message: format!("not UTF-8: {e}") })
+}
+
 /// The width of the sinusoidal timestep (and guidance) features, as in FLUX.
 pub const TIMESTEP_FEATURES: usize = 256;
 
@@ -135,17 +155,25 @@ impl FluxConfig {
     /// (see [`Self::validate`]).
     pub fn from_file(path: &Path) -> Result<Self> {
         let shown = path.display().to_string();
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| FapeError::File { path: shown.clone(), message: format!("cannot read: {e}") })?;
-        let file: ConfigFile = serde_json::from_str(&text)
-            .map_err(|e| FapeError::File { path: shown, message: format!("not a FLUX config: {e}") })?;
+        Self::from_json(&shown, &read_config_file(path)?)
+    }
+
+    /// A config from JSON `text` in the format of [`Self::from_file`]; `source` is what errors
+    /// name.
+    ///
+    /// # Errors
+    /// As [`Self::from_file`].
+    pub fn from_json(source: &str, text: &str) -> Result<Self> {
+        let file: ConfigFile = serde_json::from_str(text)
+            .map_err(|e| FapeError::File { path: source.to_string(), message: format!("not a FLUX config: {e}") })?;
         file.into_config()
     }
 
     /// Checks the fields against each other.
     ///
     /// # Errors
-    /// [`FapeError::Config`] naming the field: a zero extent, `dim != heads * head_dim`,
+    /// [`FapeError::Config`] naming the field: a zero extent or one over [`MAX_EXTENT`], more
+    /// than [`MAX_PARAMETERS`] parameters, `dim != heads * head_dim`,
     /// `head_dim != sum(axes_dims_rope)` or an odd axis, `in_channels` not a multiple of 4,
     /// a non-positive `rope_theta`, a non-finite `guidance`, or LoRA-MoE settings that do not fit
     /// `lora_experts` and `lora_rank`.
@@ -164,6 +192,10 @@ impl FluxConfig {
         ];
         if let Some((field, _)) = extents.iter().find(|(_, v)| *v == 0) {
             return Err(config_error(field, "must be positive"));
+        }
+        let blocks = [("double_blocks", self.double_blocks), ("single_blocks", self.single_blocks)];
+        if let Some((field, v)) = extents.iter().chain(&blocks).find(|(_, v)| *v > MAX_EXTENT) {
+            return Err(config_error(field, format!("{v} is over the limit of {MAX_EXTENT}")));
         }
         if self.dim != self.heads * self.head_dim {
             return Err(config_error(
@@ -186,6 +218,13 @@ impl FluxConfig {
         }
         if !self.guidance.is_finite() {
             return Err(config_error("guidance", format!("must be finite, got {}", self.guidance)));
+        }
+        let parameters = self.parameter_count();
+        if parameters > MAX_PARAMETERS {
+            return Err(config_error(
+                "dim",
+                format!("the config describes {parameters} parameters, over the limit of {MAX_PARAMETERS}"),
+            ));
         }
         let dims = LoraMoeDims {
             batch: 1,
@@ -212,31 +251,35 @@ impl FluxConfig {
     /// Parameters of the model as [`super::FluxTransformer::load`] and
     /// [`super::PlanEncoder::load`] take them, counted from the config alone.
     pub fn parameter_count(&self) -> u64 {
-        let (dim, mlp) = (self.dim as u64, self.mlp_dim() as u64);
-        let linear = |i: u64, o: u64| i * o + o;
-        let (e, r) = (self.lora_experts as u64, self.lora_rank as u64);
-        let lora = |d: u64, n: u64| e * r * d + e * n * r + e * d;
-        let mlp_pair = |i: u64, o: u64| linear(i, o) + linear(o, o);
-        let embed = linear(self.in_channels as u64, dim)
-            + linear(self.context_dim as u64, dim)
-            + mlp_pair(TIMESTEP_FEATURES as u64, dim)
-            + if self.guidance_embeds { mlp_pair(TIMESTEP_FEATURES as u64, dim) } else { 0 }
-            + mlp_pair(self.pooled_dim as u64, dim);
-        let head = self.head_dim as u64;
-        let double = 2 * linear(dim, 6 * dim)
-            + 8 * linear(dim, dim)
-            + 4 * head
-            + 2 * (linear(dim, mlp) + linear(mlp, dim))
-            + 4 * lora(dim, dim);
-        let single = linear(dim, 3 * dim)
-            + 3 * linear(dim, dim)
-            + 2 * head
+        // f64: exact for every count under 2^53 (validated configs stay under 2^40), and saturating
+        // instead of overflowing for any other.
+        let wide = |v: usize| v as f64;
+        let (dim, mlp) = (wide(self.dim), wide(self.mlp_ratio) * wide(self.dim));
+        let linear = |i: f64, o: f64| i * o + o;
+        let (e, r) = (wide(self.lora_experts), wide(self.lora_rank));
+        let lora = |d: f64, n: f64| e * r * d + e * n * r + e * d;
+        let mlp_pair = |i: f64, o: f64| linear(i, o) + linear(o, o);
+        let embed = linear(wide(self.in_channels), dim)
+            + linear(wide(self.context_dim), dim)
+            + mlp_pair(wide(TIMESTEP_FEATURES), dim)
+            + if self.guidance_embeds { mlp_pair(wide(TIMESTEP_FEATURES), dim) } else { 0.0 }
+            + mlp_pair(wide(self.pooled_dim), dim);
+        let head = wide(self.head_dim);
+        let double = 2.0 * linear(dim, 6.0 * dim)
+            + 8.0 * linear(dim, dim)
+            + 4.0 * head
+            + 2.0 * (linear(dim, mlp) + linear(mlp, dim))
+            + 4.0 * lora(dim, dim);
+        let single = linear(dim, 3.0 * dim)
+            + 3.0 * linear(dim, dim)
+            + 2.0 * head
             + linear(dim, mlp)
             + linear(dim + mlp, dim)
-            + 3 * lora(dim, dim);
-        let out = linear(dim, 2 * dim) + linear(dim, self.in_channels as u64);
-        let plan = 256 * self.context_dim as u64 + linear(self.context_dim as u64, self.pooled_dim as u64);
-        embed + self.double_blocks as u64 * double + self.single_blocks as u64 * single + out + plan
+            + 3.0 * lora(dim, dim);
+        let out = linear(dim, 2.0 * dim) + linear(dim, wide(self.in_channels));
+        let plan = 256.0 * wide(self.context_dim) + linear(wide(self.context_dim), wide(self.pooled_dim));
+        let total = embed + wide(self.double_blocks) * double + wide(self.single_blocks) * single + out + plan;
+        total as u64
     }
 }
 

@@ -51,7 +51,7 @@ mod lora;
 mod model;
 mod plan;
 
-pub use config::{FluxConfig, TIMESTEP_FEATURES};
+pub use config::{read_config_file, FluxConfig, MAX_CONFIG_BYTES, MAX_EXTENT, MAX_PARAMETERS, TIMESTEP_FEATURES};
 pub use layers::LAYER_NORM_EPS;
 pub use lora::LoraMoeProjection;
 pub use model::{one_step, tensor_specs, FluxTransformer, ENTRY_TIME, TRANSFORMER_SUBFOLDER};

@@ -9,6 +9,13 @@
 //! unreachable, slow or misbehaving, the built-in planner's plan is returned with a warning
 //! saying why ([`Planned::warning`]). Only an invalid image is an error.
 //!
+//! Bounds: each request may take [`OpenAiPlanner::timeout`] from connecting to the last byte of
+//! the reply (a server that never answers, or drips its reply a byte at a time, is given up on
+//! then), a reply may be at most [`MAX_REPLY_BYTES`], and at most two requests are made, so
+//! [`OpenAiPlanner::plan`] returns within about twice the timeout, holding at most 4 MiB of reply.
+//! Invalid UTF-8, a body that is not JSON or not a chat completion, and any status but 200 are
+//! misbehaviour like the rest: a warning and the built-in plan.
+//!
 //! Transport: plain HTTP/1.1 over `std::net::TcpStream` (no TLS, no new dependency): an
 //! `http://host[:port][/path]` endpoint, typically a local server; `https://` endpoints are
 //! refused (put a local TLS-terminating proxy in front). The request goes to
@@ -16,7 +23,7 @@
 
 use std::io::{Read, Write};
 use std::net::{TcpStream, ToSocketAddrs};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use super::{plan, rules, Plan, PlanLine, Statistics};
 use crate::error::Result;
@@ -38,7 +45,8 @@ pub struct OpenAiPlanner {
     pub endpoint: String,
     /// The `model` field of the request.
     pub model: String,
-    /// Limit on connecting, and on each read and write of the exchange.
+    /// Limit on each request, from connecting to the last byte of the reply (so a server that
+    /// never answers or drips its reply costs at most this per request, two requests at most).
     pub timeout: Duration,
 }
 
@@ -117,17 +125,46 @@ fn statistics_text(stats: &Statistics) -> String {
     text
 }
 
-/// Reads an HTTP/1.1 response to the end (the request asked the server to close): the status
-/// code and the body, de-chunked when the server chunked it.
-fn read_response(stream: &mut TcpStream) -> std::result::Result<(u16, Vec<u8>), String> {
+/// The largest reply read: 4 MiB (a plan line is a few hundred bytes; a reply with the JSON
+/// around it a few KiB). A longer reply is cut off there and the built-in plan used.
+pub const MAX_REPLY_BYTES: usize = 4 << 20;
+
+/// Reads an HTTP/1.1 response to the end (the request asked the server to close) or until
+/// `deadline`, keeping at most [`MAX_REPLY_BYTES`].
+fn read_reply(stream: &mut TcpStream, deadline: Instant) -> std::result::Result<Vec<u8>, String> {
     let mut raw = Vec::new();
-    stream.read_to_end(&mut raw).map_err(|e| format!("reading the reply failed: {e}"))?;
+    let mut buf = [0u8; 16 << 10];
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(format!("no complete reply within the timeout ({} bytes came)", raw.len()));
+        }
+        stream.set_read_timeout(Some(left)).map_err(|e| format!("reading the reply failed: {e}"))?;
+        let n = match stream.read(&mut buf) {
+            Ok(0) => return Ok(raw),
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {
+                return Err(format!("no complete reply within the timeout ({} bytes came)", raw.len()));
+            }
+            Err(e) => return Err(format!("reading the reply failed: {e}")),
+        };
+        if raw.len() + n > MAX_REPLY_BYTES {
+            return Err(format!("the reply is larger than {MAX_REPLY_BYTES} bytes"));
+        }
+        raw.extend_from_slice(&buf[..n]);
+    }
+}
+
+/// The status code and body of a raw HTTP/1.1 response, de-chunked when the server chunked it.
+fn parse_response(raw: &[u8]) -> std::result::Result<(u16, Vec<u8>), String> {
     let split = raw.windows(4).position(|w| w == b"\r\n\r\n").ok_or("the reply has no complete HTTP header")?;
     let head = String::from_utf8_lossy(&raw[..split]).into_owned();
     let body = &raw[split + 4..];
     let mut lines = head.lines();
     let status = lines
         .next()
+        .filter(|l| l.starts_with("HTTP/"))
         .and_then(|l| l.split_whitespace().nth(1))
         .and_then(|c| c.parse::<u16>().ok())
         .ok_or("the reply has no HTTP status line")?;
@@ -160,12 +197,55 @@ fn dechunk(mut body: &[u8]) -> std::result::Result<Vec<u8>, String> {
         if size == 0 {
             return Ok(out);
         }
-        if body.len() < size + 2 {
-            return Err("a chunk is truncated".into());
+        // `size` comes from the server: compare without adding to it.
+        if body.len() < 2 || body.len() - 2 < size {
+            return Err(format!("a chunk of {size} bytes is truncated"));
         }
         out.extend_from_slice(&body[..size]);
         body = &body[size + 2..];
     }
+}
+
+/// The message content of a chat-completion body: `choices[0].message.content`.
+fn reply_content(status: u16, body: &[u8]) -> std::result::Result<String, String> {
+    if status != 200 {
+        return Err(format!("the endpoint answered HTTP {status}: {}", first_chars(&String::from_utf8_lossy(body), 160)));
+    }
+    let json: serde_json::Value = serde_json::from_slice(body).map_err(|e| format!("the reply is not JSON: {e}"))?;
+    json["choices"][0]["message"]["content"]
+        .as_str()
+        .map(str::to_string)
+        .ok_or_else(|| "the reply has no choices[0].message.content string".into())
+}
+
+/// The plan line in a raw HTTP reply of a chat endpoint, as [`OpenAiPlanner::plan`] reads one:
+/// the status line and headers, a chunked or sized body, the JSON, its message content, and
+/// the first `Task:` line of it, validated. The entry point of the `openai_reply` fuzz target.
+///
+/// # Errors
+/// Why the reply is unusable, as the warning [`OpenAiPlanner::plan`] prints says it.
+#[doc(hidden)]
+pub fn reply_plan_line(raw: &[u8]) -> std::result::Result<PlanLine, String> {
+    let (status, body) = parse_response(raw)?;
+    plan_line_of(&reply_content(status, &body)?)
+}
+
+/// Writes all of `bytes` to `stream` before `deadline`.
+fn write_all_by(stream: &mut TcpStream, mut bytes: &[u8], deadline: Instant) -> std::io::Result<()> {
+    while !bytes.is_empty() {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(std::io::Error::new(std::io::ErrorKind::TimedOut, "the timeout passed"));
+        }
+        stream.set_write_timeout(Some(left))?;
+        match stream.write(&bytes[..bytes.len().min(64 << 10)]) {
+            Ok(0) => return Err(std::io::ErrorKind::WriteZero.into()),
+            Ok(n) => bytes = &bytes[n..],
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
 }
 
 /// The first line of `content` holding `Task:`, from there on, without markdown decoration.
@@ -192,6 +272,7 @@ impl OpenAiPlanner {
             "max_tokens": 300,
         })
         .to_string();
+        let deadline = Instant::now() + self.timeout;
         let addr = target
             .authority
             .to_socket_addrs()
@@ -200,31 +281,18 @@ impl OpenAiPlanner {
             .ok_or_else(|| format!("{} resolves to no address", target.authority))?;
         let mut stream = TcpStream::connect_timeout(&addr, self.timeout)
             .map_err(|e| format!("cannot connect to {}: {e}", target.authority))?;
-        let io = |e: std::io::Error| format!("talking to {} failed: {e}", target.authority);
-        stream.set_read_timeout(Some(self.timeout)).map_err(io)?;
-        stream.set_write_timeout(Some(self.timeout)).map_err(io)?;
         let request = format!(
             "POST {} HTTP/1.1\r\nHost: {}\r\nContent-Type: application/json\r\nAccept: application/json\r\n\
-             Content-Length: {}\r\nConnection: close\r\n\r\n",
+             Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
             target.path,
             target.host_header,
             body.len()
         );
-        stream.write_all(request.as_bytes()).map_err(io)?;
-        stream.write_all(body.as_bytes()).map_err(io)?;
-        let (status, reply) = read_response(&mut stream)?;
-        if status != 200 {
-            return Err(format!(
-                "the endpoint answered HTTP {status}: {}",
-                first_chars(&String::from_utf8_lossy(&reply), 160)
-            ));
-        }
-        let json: serde_json::Value =
-            serde_json::from_slice(&reply).map_err(|e| format!("the reply is not JSON: {e}"))?;
-        json["choices"][0]["message"]["content"]
-            .as_str()
-            .map(str::to_string)
-            .ok_or_else(|| "the reply has no choices[0].message.content string".into())
+        write_all_by(&mut stream, request.as_bytes(), deadline)
+            .map_err(|e| format!("sending the request to {} failed: {e}", target.authority))?;
+        let raw = read_reply(&mut stream, deadline)?;
+        let (status, reply) = parse_response(&raw)?;
+        reply_content(status, &reply)
     }
 
     /// Plans `image` with the model, falling back to the built-in planner as the module

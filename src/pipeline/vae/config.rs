@@ -1,10 +1,24 @@
 //! The autoencoder's shape: channel widths per resolution level, resnets per level, GroupNorm
 //! groups, latent channels and the latent normalisation.
 
-use crate::error::{config_error, Result};
+use std::path::Path;
+
+use serde::Deserialize;
+
+use crate::error::{config_error, FapeError, Result};
 
 /// GroupNorm epsilon of every norm in FLUX's autoencoder.
 pub const NORM_EPS: f64 = 1e-6;
+
+/// The most resolution levels (`block_out_channels` entries) a config may have: 8, a 128x
+/// downscale.
+pub const MAX_LEVELS: usize = 8;
+
+/// The largest channel count a config may give (levels, image, latent).
+pub const MAX_CHANNELS: usize = 1 << 16;
+
+/// The most resnets per level a config may give.
+pub const MAX_LAYERS_PER_BLOCK: usize = 64;
 
 /// The shape of a FLUX-style `AutoencoderKL` (diffusers layout).
 ///
@@ -68,6 +82,45 @@ impl VaeConfig {
         }
     }
 
+    /// A config from the JSON file at `path` (at most
+    /// [`crate::pipeline::flux::MAX_CONFIG_BYTES`]): a preset (`"preset"`, default `flux-dev`)
+    /// with any of its fields overridden. Every key is optional; unknown keys are errors:
+    ///
+    /// ```json
+    /// { "preset": "tiny", "in_channels": 3, "block_out_channels": [16, 32, 32, 32],
+    ///   "layers_per_block": 1, "norm_groups": 8, "latent_channels": 16,
+    ///   "scaling_factor": 0.3611, "shift_factor": 0.1159 }
+    /// ```
+    ///
+    /// # Errors
+    /// [`FapeError::File`] when the file cannot be read, is too large or is not such JSON;
+    /// [`FapeError::Config`] naming the field for an unknown preset or an invalid value (see
+    /// [`Self::validate`]).
+    pub fn from_file(path: &Path) -> Result<Self> {
+        let text = crate::pipeline::flux::read_config_file(path)?;
+        Self::from_json(&path.display().to_string(), &text)
+    }
+
+    /// A config from JSON `text` in the format of [`Self::from_file`]; `source` is what errors
+    /// name.
+    ///
+    /// # Errors
+    /// As [`Self::from_file`].
+    pub fn from_json(source: &str, text: &str) -> Result<Self> {
+        let file: ConfigFile = serde_json::from_str(text)
+            .map_err(|e| FapeError::File { path: source.to_string(), message: format!("not a VAE config: {e}") })?;
+        let mut c = Self::preset(file.preset.as_deref().unwrap_or("flux-dev"))?;
+        c.in_channels = file.in_channels.unwrap_or(c.in_channels);
+        c.block_out_channels = file.block_out_channels.unwrap_or(c.block_out_channels);
+        c.layers_per_block = file.layers_per_block.unwrap_or(c.layers_per_block);
+        c.norm_groups = file.norm_groups.unwrap_or(c.norm_groups);
+        c.latent_channels = file.latent_channels.unwrap_or(c.latent_channels);
+        c.scaling_factor = file.scaling_factor.unwrap_or(c.scaling_factor);
+        c.shift_factor = file.shift_factor.unwrap_or(c.shift_factor);
+        c.validate()?;
+        Ok(c)
+    }
+
     /// How many times smaller the latent grid is than the image, per side (`2^(levels - 1)`).
     pub fn downscale(&self) -> usize {
         1 << self.block_out_channels.len().saturating_sub(1)
@@ -76,15 +129,27 @@ impl VaeConfig {
     /// Checks that the config describes a buildable network.
     ///
     /// # Errors
-    /// [`crate::FapeError::Config`] naming the field: no levels, a zero channel count, groups
-    /// that do not divide a channel count, a non-finite or zero scaling factor.
+    /// [`crate::FapeError::Config`] naming the field: no levels or more than [`MAX_LEVELS`], a
+    /// zero channel count or one over [`MAX_CHANNELS`], no resnets per level or more than
+    /// [`MAX_LAYERS_PER_BLOCK`], groups that do not divide a channel count, a non-finite or zero
+    /// scaling factor.
     pub fn validate(&self) -> Result<()> {
         let err = |field, message: String| Err(config_error("vae", field, message));
-        if self.block_out_channels.is_empty() {
-            return err("block_out_channels", "is empty".into());
+        if self.block_out_channels.is_empty() || self.block_out_channels.len() > MAX_LEVELS {
+            return err("block_out_channels", format!("has {} levels, not 1 to {MAX_LEVELS}", self.block_out_channels.len()));
         }
         if self.in_channels == 0 || self.latent_channels == 0 {
             return err("in_channels/latent_channels", "must be positive".into());
+        }
+        let channels = [self.in_channels, self.latent_channels].into_iter().chain(self.block_out_channels.iter().copied());
+        if let Some(c) = channels.into_iter().find(|&c| c > MAX_CHANNELS) {
+            return err("block_out_channels", format!("channel count {c} is over the limit of {MAX_CHANNELS}"));
+        }
+        if self.layers_per_block == 0 || self.layers_per_block > MAX_LAYERS_PER_BLOCK {
+            return err(
+                "layers_per_block",
+                format!("{} is not 1 to {MAX_LAYERS_PER_BLOCK}", self.layers_per_block),
+            );
         }
         if self.norm_groups == 0 {
             return err("norm_groups", "must be positive".into());
@@ -155,4 +220,18 @@ impl VaeConfig {
         let resnet = 2.0 * 2.0 * c * c * 9.0 * tokens;
         2.0 * resnet + 4.0 * 2.0 * c * c * tokens + 2.0 * 2.0 * tokens * tokens * c
     }
+}
+
+/// The JSON form of [`VaeConfig::from_file`].
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ConfigFile {
+    preset: Option<String>,
+    in_channels: Option<usize>,
+    block_out_channels: Option<Vec<usize>>,
+    layers_per_block: Option<usize>,
+    norm_groups: Option<usize>,
+    latent_channels: Option<usize>,
+    scaling_factor: Option<f64>,
+    shift_factor: Option<f64>,
 }

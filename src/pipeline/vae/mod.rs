@@ -18,7 +18,7 @@ mod config;
 use candle_core::{Module, Result, Tensor};
 use candle_nn::VarBuilder;
 
-pub use config::{VaeConfig, NORM_EPS};
+pub use config::{VaeConfig, MAX_CHANNELS, MAX_LAYERS_PER_BLOCK, MAX_LEVELS, NORM_EPS};
 
 use self::blocks::{conv3x3, Conv, Downsample, MidBlock, Norm, ResnetBlock, Upsample};
 use crate::candle_ops::candle_error;

@@ -9,7 +9,6 @@ use std::time::Duration;
 use clap::Args as ClapArgs;
 use fape_kernels::bench::{measure, BenchBackend, BenchPlan, BenchRow, BenchTable, Timing, Work};
 use fape_kernels::pipeline::flux::ExecPath;
-use fape_kernels::pipeline::image::Image;
 use fape_kernels::pipeline::restore::{restore, test_scene, PeakMemory, Restored, StageTimings};
 use fape_kernels::{FapeError, Result};
 use indicatif::{ProgressBar, ProgressStyle};
@@ -77,7 +76,7 @@ pub fn run(args: Args) -> Result<()> {
     }
     let pipeline = args.pipeline.load(true)?;
     let image = match &args.image {
-        Some(path) => Image::load(path)?,
+        Some(path) => args.pipeline.images.load(path)?,
         None => test_scene(SCENE_SIDE, SCENE_SIDE, 0),
     };
     let rounds = args.warmup + args.runs;

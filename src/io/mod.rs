@@ -4,13 +4,15 @@
 
 use std::collections::BTreeMap;
 use std::fmt;
+use std::io::Read;
 use std::path::Path;
 
 use half::{bf16, f16};
-use safetensors::SafeTensors;
 
 use crate::error::{FapeError, Result};
 use crate::tensor::{Real, Tensor, View};
+
+pub mod header;
 
 /// The element types a tensor file holds for the ops.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -135,6 +137,28 @@ fn file_error(path: &str, message: impl Into<String>) -> FapeError {
     FapeError::File { path: path.to_string(), message: message.into() }
 }
 
+/// The bytes of the file at `path`, refused unread when it says it holds more than `cap`, and
+/// never more of them than the size it says it has: so a device or pipe that never ends
+/// (`/dev/zero`, size 0) costs nothing. `what` names the kind of file in the error.
+///
+/// # Errors
+/// [`FapeError::File`] naming `path` when it cannot be read or holds more than `cap` bytes.
+pub fn read_bounded(path: &Path, cap: u64, what: &str) -> Result<Vec<u8>> {
+    let shown = path.display().to_string();
+    let cannot = |e: std::io::Error| file_error(&shown, format!("cannot read: {e}"));
+    let file = std::fs::File::open(path).map_err(cannot)?;
+    let len = file.metadata().map_err(cannot)?.len();
+    if len > cap {
+        return Err(file_error(
+            &shown,
+            format!("{}, over the {} {what} may have", header::human_bytes(len), header::human_bytes(cap)),
+        ));
+    }
+    let mut bytes = Vec::new();
+    file.take(len).read_to_end(&mut bytes).map_err(cannot)?;
+    Ok(bytes)
+}
+
 /// The little-endian elements of `bytes`, `N` bytes each, decoded by `from`.
 fn decode<T, const N: usize>(bytes: &[u8], from: fn([u8; N]) -> T) -> Vec<T> {
     let element = |chunk: &[u8]| {
@@ -145,13 +169,16 @@ fn decode<T, const N: usize>(bytes: &[u8], from: fn([u8; N]) -> T) -> Vec<T> {
     bytes.chunks_exact(N).map(element).collect()
 }
 
-fn parse(path: &str, name: &str, view: &safetensors::tensor::TensorView<'_>) -> Result<Stored> {
-    let (bytes, shape) = (view.data(), view.shape().to_vec());
-    match view.dtype() {
-        safetensors::Dtype::F32 => Tensor::new(decode(bytes, f32::from_le_bytes), shape).map(Stored::F32),
-        safetensors::Dtype::BF16 => Tensor::new(decode(bytes, bf16::from_le_bytes), shape).map(Stored::Bf16),
-        safetensors::Dtype::F16 => Tensor::new(decode(bytes, f16::from_le_bytes), shape).map(Stored::F16),
-        other => Err(file_error(path, format!("tensor `{name}` has dtype {other:?}; only F32, BF16 and F16 are read"))),
+fn parse(path: &str, entry: &header::HeaderEntry, bytes: &[u8]) -> Result<Stored> {
+    let shape = entry.shape.clone();
+    match entry.dtype.as_str() {
+        "F32" => Tensor::new(decode(bytes, f32::from_le_bytes), shape).map(Stored::F32),
+        "BF16" => Tensor::new(decode(bytes, bf16::from_le_bytes), shape).map(Stored::Bf16),
+        "F16" => Tensor::new(decode(bytes, f16::from_le_bytes), shape).map(Stored::F16),
+        other => Err(file_error(
+            path,
+            format!("tensor `{}` has dtype {other}; only F32, BF16 and F16 are read", entry.name),
+        )),
     }
 }
 
@@ -159,18 +186,30 @@ impl TensorFile {
     /// Reads every tensor of the file at `path`, keeping its dtype.
     ///
     /// # Errors
-    /// [`FapeError::File`] when the file cannot be read, is not valid safetensors (truncated,
-    /// corrupt header) or holds a tensor of another dtype.
+    /// [`FapeError::File`] when the file cannot be read, or as [`TensorFile::from_bytes`].
     pub fn read(path: &Path) -> Result<Self> {
         let shown = path.display().to_string();
-        let bytes = std::fs::read(path).map_err(|e| file_error(&shown, format!("cannot read: {e}")))?;
-        let parsed = SafeTensors::deserialize(&bytes)
-            .map_err(|e| file_error(&shown, format!("not a valid safetensors file: {e}")))?;
+        Self::from_bytes(&shown, &read_bounded(path, u64::MAX, "a tensor file")?)
+    }
+
+    /// The tensors of the safetensors file held in `bytes`; `path` is what errors name.
+    /// Every claim of the header is checked against `bytes` first ([`header::read_header`]),
+    /// so nothing is allocated beyond the header and the tensors that are really there.
+    ///
+    /// # Errors
+    /// [`FapeError::File`] naming `path` when the bytes are not valid safetensors (truncated,
+    /// a corrupt header, a tensor whose bytes run past the end or disagree with its shape) or
+    /// hold a tensor of a dtype other than F32, BF16 and F16 (naming it).
+    pub fn from_bytes(path: &str, bytes: &[u8]) -> Result<Self> {
+        let entries = header::read_header(path, &mut &bytes[..], bytes.len() as u64)?;
         let mut tensors = BTreeMap::new();
-        for (name, view) in parsed.iter() {
-            tensors.insert(name.to_string(), parse(&shown, name, &view)?);
+        for entry in &entries {
+            // read_header checked offset + bytes against bytes.len(), so both fit usize.
+            let start = entry.offset as usize;
+            let data = &bytes[start..start + entry.bytes as usize];
+            tensors.insert(entry.name.clone(), parse(path, entry, data)?);
         }
-        Ok(Self { path: shown, tensors })
+        Ok(Self { path: path.to_string(), tensors })
     }
 
     /// The same tensors, every one widened to f32 (exact).
