@@ -9,21 +9,21 @@
 //! band(s)` into `xa`), and one cuBLASLt bf16 GEMM `y = xa . Wp^T + bias` (f32 accumulate,
 //! bias in the epilogue). [`lora_moe`] is the host functional form the dispatcher calls.
 
-use std::collections::HashMap;
 use std::sync::{Arc, Mutex, OnceLock};
 
 use cudarc::cublaslt::CudaBlasLT;
 
-use super::cuda_gemm::{blas_for, gemm_strided};
 use cudarc::driver::{
     CudaFunction, CudaSlice, CudaStream, CudaView, CudaViewMut, DevicePtr, DeviceRepr, PushKernelArg, ValidAsZeroBits,
 };
 use half::bf16;
 
-use super::config::{LoraMoeConfig, LoraMoeDims, LoraMoeInputs, LoraMoeOutput, OP};
-use super::lowpass::gaussian_taps;
-use crate::backend::cuda::{dev_err, kernel_int, launch_config, tiles, CudaDevice, LORA_MOE_BF16_CU};
+use super::gemm::{blas_for, gemm_strided};
+use super::shared::{bf16_kernel, check_len};
+use crate::backend::cuda::{dev_err, kernel_int, launch_config, tiles, CudaDevice};
 use crate::error::{FapeError, Result};
+use crate::lora_moe::config::{LoraMoeConfig, LoraMoeDims, LoraMoeInputs, LoraMoeOutput, OP};
+use crate::lora_moe::lowpass::gaussian_taps;
 use crate::tensor::Tensor;
 
 /// Mirrors `lora_moe_shrink_cfg` in `kernels/lora_moe_bf16.cu`.
@@ -86,26 +86,6 @@ fn unsupported(what: impl Into<String>) -> FapeError {
     FapeError::Unsupported { op: OP, backend: BACKEND, what: what.into() }
 }
 
-/// Kernel `name` of `kernels/lora_moe_bf16.cu` on `device`, looked up once per context and kept
-/// for the process, so layers built per call (the candle op) skip hashing the source. The
-/// function holds its module, hence its context, so the key (the context's address) is never
-/// reused by another context.
-///
-/// # Errors
-/// As [`CudaDevice::module`]; [`FapeError::Device`] when the module has no such kernel.
-pub(crate) fn bf16_kernel(device: &CudaDevice, name: &'static str) -> Result<CudaFunction> {
-    type Key = (usize, &'static str);
-    static FUNCTIONS: OnceLock<Mutex<HashMap<Key, CudaFunction>>> = OnceLock::new();
-    let key = (device.stream().context().cu_ctx() as usize, name);
-    let mut functions = FUNCTIONS.get_or_init(Default::default).lock().unwrap_or_else(|p| p.into_inner());
-    if let Some(function) = functions.get(&key) {
-        return Ok(function.clone());
-    }
-    let function = device.function(LORA_MOE_BF16_CU, name)?;
-    functions.insert(key, function.clone());
-    Ok(function)
-}
-
 /// `d` (or `dg`) as the bf16 kernels need it: a multiple of 8 (16-byte rows).
 fn check_multiple_of_8(tensor: &'static str, shape: &[usize], extent: usize) -> Result<()> {
     if extent.is_multiple_of(8) {
@@ -120,15 +100,6 @@ fn check_multiple_of_8(tensor: &'static str, shape: &[usize], extent: usize) -> 
     }
 }
 
-/// A device buffer must hold exactly `needed` elements.
-pub(crate) fn check_len(tensor: &'static str, len: usize, shape: &[usize]) -> Result<()> {
-    let needed: usize = shape.iter().product();
-    if len == needed {
-        Ok(())
-    } else {
-        Err(FapeError::Layout { op: OP, tensor, len, shape: shape.to_vec(), needed })
-    }
-}
 
 /// The device address of `buf` must be 16-byte aligned (the kernels load 8 bf16 at a time).
 fn check_aligned<T, P: DevicePtr<T>>(tensor: &'static str, buf: &P, stream: &CudaStream) -> Result<()> {
@@ -814,7 +785,7 @@ pub(crate) fn lora_moe(
 
 #[cfg(test)]
 mod tests {
-    use super::super::{lora_moe, reference, Band, LoraMoeConfig, LoraMoeDims, LoraMoeTensors, TOLERANCE_BF16};
+    use crate::lora_moe::{lora_moe, reference, Band, LoraMoeConfig, LoraMoeDims, LoraMoeTensors, TOLERANCE_BF16};
     use super::{LoraMoeLinear, LoraMoeProjection, Schedule};
     use crate::backend::{Device, DeviceKind};
     use crate::error::FapeError;

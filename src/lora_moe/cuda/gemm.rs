@@ -10,10 +10,10 @@ use cudarc::cublaslt::{result as lt, sys, CudaBlasLT, MatmulShared};
 use cudarc::driver::{CudaSlice, CudaStream, CudaView, CudaViewMut, DevicePtr, DevicePtrMut};
 use half::bf16;
 
-use super::config::OP;
-use super::cuda_bf16::check_len;
+use super::shared::check_len;
 use crate::backend::cuda::{dev_err, require_library, MathLibrary};
 use crate::error::{FapeError, Result};
+use crate::lora_moe::config::OP;
 
 /// Maps a cuBLASLt error to [`FapeError::Device`], naming what was being done.
 fn blas_err(context: impl Into<String>) -> impl FnOnce(cudarc::cublaslt::result::CublasError) -> FapeError {

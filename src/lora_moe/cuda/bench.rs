@@ -9,10 +9,10 @@ use cudarc::cublaslt::CudaBlasLT;
 use cudarc::driver::{sys as cu, CudaSlice};
 use half::bf16;
 
-use super::config::{LoraMoeConfig, LoraMoeDims, LoraMoeTensors, OP};
-use super::cuda_bf16::{LoraMoeLinear, LoraMoeProjection};
-use super::cuda_gemm::{blas_for, gemm_bias};
-use super::cuda_unfused::Unfused;
+use super::fused::{LoraMoeLinear, LoraMoeProjection};
+use super::gemm::{blas_for, gemm_bias};
+use super::unfused::Unfused;
+use crate::lora_moe::config::{LoraMoeConfig, LoraMoeDims, LoraMoeTensors, OP};
 use crate::backend::cuda::{dev_err, CudaDevice};
 use crate::error::{FapeError, Result};
 
@@ -199,7 +199,7 @@ impl CudaBenchProblem {
 
 #[cfg(test)]
 mod tests {
-    use super::super::{reference, Band, LoraMoeConfig, LoraMoeDims, LoraMoeTensors, TOLERANCE_BF16};
+    use crate::lora_moe::{reference, Band, LoraMoeConfig, LoraMoeDims, LoraMoeTensors, TOLERANCE_BF16};
     use super::{CudaBenchProblem, CudaVariant};
     use crate::backend::{Device, DeviceKind};
     use crate::testing::{assert_close, device_or_skip};
