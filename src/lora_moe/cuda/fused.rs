@@ -11,14 +11,12 @@
 
 use std::sync::{Arc, Mutex, OnceLock};
 
-use cudarc::cublaslt::CudaBlasLT;
-
 use cudarc::driver::{
     CudaFunction, CudaSlice, CudaStream, CudaView, CudaViewMut, DevicePtr, DeviceRepr, PushKernelArg, ValidAsZeroBits,
 };
 use half::bf16;
 
-use super::gemm::{blas_for, gemm_strided};
+use super::gemm::GemmPlans;
 use super::shared::{bf16_kernel, check_len};
 use crate::backend::cuda::{dev_err, kernel_int, launch_config, tiles, CudaDevice};
 use crate::error::{FapeError, Result};
@@ -154,7 +152,8 @@ struct Workspace {
 /// concatenated along features (`y [B*T, n_1 + .. + n_P]`), their gates stacked (`[P, B*T, E]`).
 pub struct LoraMoeLinear {
     device: CudaDevice,
-    blas: Arc<CudaBlasLT>,
+    /// The GEMMs' cuBLASLt handle and workspace, and their plans per shape.
+    gemms: GemmPlans,
     shrink: CudaFunction,
     gate: CudaFunction,
     d: usize,
@@ -291,10 +290,10 @@ impl LoraMoeLinear {
         let h = stream.clone_htod(&h32).map_err(dev_err("copying the filter taps to the device"))?;
         let codes: Vec<i32> = config.bands.iter().map(|b| b.kernel_code() as i32).collect();
         let bands = stream.clone_htod(&codes).map_err(dev_err("copying `bands` to the device"))?;
-        let blas = blas_for(&stream)?;
+        let gemms = GemmPlans::new(&stream)?;
         Ok(Self {
             device: device.clone(),
-            blas,
+            gemms,
             shrink: bf16_kernel(device, "lora_moe_shrink_bf16")?,
             gate: bf16_kernel(device, "lora_moe_gate_bf16")?,
             d,
@@ -390,9 +389,8 @@ impl LoraMoeLinear {
         y: &mut CudaViewMut<'_, bf16>,
         gates: &mut CudaViewMut<'_, f32>,
     ) -> Result<()> {
-        use gate_cfg as g;
         use shrink_cfg as sh;
-        let (d, dg, experts, rank) = (self.d, self.dg, self.experts, self.rank);
+        let (d, dg, experts) = (self.d, self.dg, self.experts);
         let count = self.outputs.len();
         let rows = batch * tokens;
         if rows == 0 {
@@ -459,11 +457,6 @@ impl LoraMoeLinear {
             ws.partials = scratch(&self.device, "energy partials", batch * pcount * 3, f64::NAN)?;
         }
 
-        let taps = self.config.taps;
-        let taps_i = kernel_int(OP, "taps", taps)?;
-        let tokens_i = kernel_int(OP, "tokens", tokens)?;
-        let k_pad_i = kernel_int(OP, "augmented K", self.k_pad)?;
-        let shrink_smem = shrink_cfg::dynamic_smem_bytes(taps);
         // The stream the shrink and gate kernels run on: the layer's, or (overlapped) the side
         // stream, which first waits for the work already queued on the layer's stream.
         let ks = match schedule {
@@ -476,6 +469,69 @@ impl LoraMoeLinear {
             }
         };
 
+        // On the side stream, the layer's stream joins it again (below) even when a launch failed,
+        // so that no later use or free of the workspace on the layer's stream races its kernels:
+        // cudarc's event tracking is off on this crate's contexts.
+        let kernels = self.shrink_and_gate(ks, schedule, ws, x, batch, tokens, guidance, gates);
+        let (n_total, k_pad) = (self.n_total(), self.k_pad);
+        let weight = self.weight.slice(..);
+        match schedule {
+            // 3. y = xa . Wp^T + bias: one GEMM over the augmented K.
+            Schedule::OneGemm => {
+                kernels?;
+                let a = ws.xa.slice(..rows * k_pad);
+                self.gemms.gemm((&a, k_pad), (&weight, k_pad), self.bias.as_ref(), y, (rows, n_total, k_pad), 0.0)
+            }
+            // 3. y = x . W^T + bias (the first d columns of Wp), meanwhile the kernels above run
+            // on the side stream; then y += u . B^T over the columns d.. of xa and Wp.
+            Schedule::Overlapped => {
+                let base = self.gemms.gemm((x, d), (&weight, k_pad), self.bias.as_ref(), y, (rows, n_total, d), 0.0);
+                // Join the side stream even when a launch failed (see above).
+                let done = ks.record_event(None).map_err(dev_err("recording an event"))?;
+                stream.wait(&done).map_err(dev_err("waiting for the side stream"))?;
+                kernels?;
+                base?;
+                let u = ws.xa.slice(d..rows * k_pad);
+                let lora = self.weight.slice(d..);
+                self.gemms.gemm((&u, k_pad), (&lora, k_pad), None, y, (rows, n_total, k_pad - d), 1.0)
+            }
+        }
+    }
+}
+
+impl LoraMoeLinear {
+    /// Steps 1 and 2 of [`Self::run`] on `ks` (the layer's stream, or the side stream of
+    /// [`Schedule::Overlapped`]): the shrink/energy pass over `x` (and the router pass over the
+    /// guidance), then the gate/filter kernel writing `u` into `ws.xa` and the gates. Extents
+    /// were checked by the caller, which sized `ws` for them.
+    ///
+    /// # Errors
+    /// [`FapeError::Unsupported`] past the kernels' int indexing; launch errors.
+    #[allow(clippy::too_many_arguments)]
+    fn shrink_and_gate(
+        &self,
+        ks: &Arc<CudaStream>,
+        schedule: Schedule,
+        ws: &mut Workspace,
+        x: &CudaView<'_, bf16>,
+        batch: usize,
+        tokens: usize,
+        guidance: Option<&CudaView<'_, bf16>>,
+        gates: &mut CudaViewMut<'_, f32>,
+    ) -> Result<()> {
+        use gate_cfg as g;
+        use shrink_cfg as sh;
+        let (d, dg, experts, rank) = (self.d, self.dg, self.experts, self.rank);
+        let count = self.outputs.len();
+        let tiles_shrink = tiles(tokens, sh::TOKENS);
+        let splits = tiles(d, sh::SPLIT_COLS);
+        let g_splits = tiles(dg, sh::SPLIT_COLS);
+        let pcount = tiles_shrink * splits;
+        let taps = self.config.taps;
+        let taps_i = kernel_int(OP, "taps", taps)?;
+        let tokens_i = kernel_int(OP, "tokens", tokens)?;
+        let k_pad_i = kernel_int(OP, "augmented K", self.k_pad)?;
+        let shrink_smem = shrink_cfg::dynamic_smem_bytes(taps);
         // 1. One pass over x: shrink (+ router logits), copy into xa, band-energy partials.
         {
             let d_i = kernel_int(OP, "d", d)?;
@@ -608,42 +664,9 @@ impl LoraMoeLinear {
             // on the same stream `ks`.
             unsafe { launch.launch(cfg) }.map_err(dev_err("launching lora_moe_gate_bf16"))?;
         }
-
-        let (n_total, k_pad) = (self.n_total(), self.k_pad);
-        let weight = self.weight.slice(..);
-        match schedule {
-            // 3. y = xa . Wp^T + bias: one GEMM over the augmented K.
-            Schedule::OneGemm => {
-                let a = ws.xa.slice(..rows * k_pad);
-                gemm_strided(
-                    &self.blas,
-                    (&a, k_pad),
-                    (&weight, k_pad),
-                    self.bias.as_ref(),
-                    y,
-                    (rows, n_total, k_pad),
-                    0.0,
-                )
-            }
-            // 3. y = x . W^T + bias (the first d columns of Wp), meanwhile the kernels above run
-            // on the side stream; then y += u . B^T over the columns d.. of xa and Wp.
-            Schedule::Overlapped => {
-                let base =
-                    gemm_strided(&self.blas, (x, d), (&weight, k_pad), self.bias.as_ref(), y, (rows, n_total, d), 0.0);
-                // Join the side stream even when the base GEMM failed, so that no later use or
-                // free of the workspace on the layer's stream races the side stream's kernels.
-                let done = ks.record_event(None).map_err(dev_err("recording an event"))?;
-                stream.wait(&done).map_err(dev_err("waiting for the side stream"))?;
-                base?;
-                let u = ws.xa.slice(d..rows * k_pad);
-                let lora = self.weight.slice(d..);
-                gemm_strided(&self.blas, (&u, k_pad), (&lora, k_pad), None, y, (rows, n_total, k_pad - d), 1.0)
-            }
-        }
+        Ok(())
     }
-}
 
-impl LoraMoeLinear {
     /// The side stream of [`Schedule::Overlapped`], created on first use.
     ///
     /// # Errors

@@ -17,4 +17,4 @@ pub use bench::{CudaBenchProblem, CudaVariant};
 pub(crate) use fp32::{lora_moe as lora_moe_f32, token_lowpass};
 pub(crate) use fused::lora_moe as lora_moe_bf16;
 pub use fused::{LoraMoeLinear, LoraMoeProjection, Schedule, MAX_RANK, MAX_TAPS};
-pub use gemm::gemm_bias;
+pub use gemm::GemmPlans;
