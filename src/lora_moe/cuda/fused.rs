@@ -28,21 +28,23 @@ use crate::tensor::Tensor;
 mod shrink_cfg {
     /// `blockDim.x`.
     pub const THREADS: u32 = 256;
-    /// Tokens per block.
+    /// Tokens per block (two m16 tiles of the tensor-core shrink).
     pub const TOKENS: usize = 32;
-    /// Shrink-matrix rows per block (grid y).
+    /// Shrink-matrix rows per block (grid y): four n8 tiles.
     pub const SLAB: usize = 32;
+    /// The shrink matrices' rows are padded with zeros to a multiple of this (one n8 tile).
+    pub const ROW_PAD: usize = 8;
     /// Columns of x per block (the d split of grid x).
     pub const SPLIT_COLS: usize = 256;
-    /// Padded shared row, floats.
-    pub const STRIDE: usize = 68;
+    /// Padded shared row, bf16.
+    pub const STRIDE: usize = 72;
     /// Static shared memory of the kernel (`red`: 8 warps x 3 doubles).
     pub const STATIC_SMEM_BYTES: usize = 8 * 3 * 8;
 
-    /// Dynamic shared memory of a launch: the tile plus halo rows and the slab rows, padded to
-    /// STRIDE floats, then the taps.
+    /// Dynamic shared memory of a launch: the taps (f32, padded to 16 bytes), then the tile
+    /// plus halo rows and the slab rows, STRIDE bf16 each.
     pub const fn dynamic_smem_bytes(taps: usize) -> usize {
-        (((TOKENS + taps - 1) + SLAB) * STRIDE + taps) * 4
+        taps.next_multiple_of(4) * 4 + ((TOKENS + taps - 1) + SLAB) * STRIDE * 2
     }
 }
 
@@ -163,11 +165,11 @@ pub struct LoraMoeLinear {
     outputs: Vec<usize>,
     k_pad: usize,
     /// `[mat_rows, d]`: the P shrink matrices `A_cat [E*r, d]`, then (when `dg == d`) the P
-    /// routers `[E, d]`, then zero rows up to a multiple of the slab.
+    /// routers `[E, d]`, then zero rows up to a multiple of 8 (the tensor cores' n8 tiles).
     shrink_mat: CudaSlice<bf16>,
     mat_rows: usize,
     routers_in_shrink: bool,
-    /// `[router_rows, dg]`: the P routers for a guided call, zero rows up to a slab multiple.
+    /// `[router_rows, dg]`: the P routers for a guided call, zero rows up to a multiple of 8.
     router_mat: CudaSlice<bf16>,
     router_rows: usize,
     /// `[N_total, k_pad]`.
@@ -240,8 +242,8 @@ impl LoraMoeLinear {
         let k_pad = (d + count * width).next_multiple_of(8);
         let routers_in_shrink = dg == d;
         let shrink_rows = count * width + if routers_in_shrink { count * experts } else { 0 };
-        let mat_rows = shrink_rows.next_multiple_of(shrink_cfg::SLAB);
-        let router_rows = (count * experts).next_multiple_of(shrink_cfg::SLAB);
+        let mat_rows = shrink_rows.next_multiple_of(shrink_cfg::ROW_PAD);
+        let router_rows = (count * experts).next_multiple_of(shrink_cfg::ROW_PAD);
         for (what, v) in
             [("packed weight", n_total * k_pad), ("shrink matrix", mat_rows * d), ("router matrix", router_rows * dg)]
         {
@@ -536,7 +538,7 @@ impl LoraMoeLinear {
         {
             let d_i = kernel_int(OP, "d", d)?;
             let mat_rows_i = kernel_int(OP, "shrink rows", self.mat_rows)?;
-            let grid = (tiles_shrink * splits, self.mat_rows / sh::SLAB, batch);
+            let grid = (tiles_shrink * splits, tiles(self.mat_rows, sh::SLAB), batch);
             let cfg = launch_config(OP, grid, (sh::THREADS, 1, 1), shrink_smem as u32)?;
             let null: u64 = 0;
             let mut launch = ks.launch_builder(&self.shrink);
@@ -559,18 +561,21 @@ impl LoraMoeLinear {
             // int mat_rows, int xa_stride, int taps)`. x holds B*T*d bf16 (checked) at a
             // 16-byte aligned address with d % 8 == 0, so its 16-byte row loads are aligned and
             // in bounds (t < T, c < d); mat holds mat_rows*d (allocated so), s holds
-            // splits*B*T*mat_rows f32, xa B*T*k_pad bf16 (k_pad % 8 == 0, columns written < d)
+            // splits*B*T*mat_rows f32 (mat_rows % 8 == 0: the kernel's 8-byte stores of
+            // column pairs are aligned), xa B*T*k_pad bf16 (k_pad % 8 == 0, columns written < d)
             // or null (two 64-bit zeros, tested by the kernel before any access),
             // partials B*tiles*splits*3 f64 (workspace sized for these extents above), h taps
-            // f32. The grid is (tiles*splits, mat_rows/SLAB, B) with gridDim.z = B as the kernel
-            // assumes, and the dynamic shared memory is ((TOKENS + taps - 1) + SLAB) * STRIDE +
-            // taps floats (<= 48 KiB for taps <= MAX_TAPS). Every extent fits int (checked).
+            // f32. The grid is (tiles*splits, ceil(mat_rows/SLAB), B) with gridDim.z = B as the
+            // kernel assumes (it stages and multiplies only the slab rows below mat_rows), and
+            // the dynamic shared memory is round_up(taps, 4) floats and ((TOKENS + taps - 1) +
+            // SLAB) * STRIDE bf16 (<= 48 KiB for taps <= MAX_TAPS). Every extent fits int
+            // (checked).
             unsafe { launch.launch(cfg) }.map_err(dev_err("launching lora_moe_shrink_bf16"))?;
         }
         if let (Some(gd), Some(logits)) = (guidance, ws.logits.as_mut()) {
             let dg_i = kernel_int(OP, "dg", dg)?;
             let router_rows_i = kernel_int(OP, "router rows", self.router_rows)?;
-            let grid = (tiles_shrink * g_splits, self.router_rows / sh::SLAB, batch);
+            let grid = (tiles_shrink * g_splits, tiles(self.router_rows, sh::SLAB), batch);
             let cfg = launch_config(OP, grid, (sh::THREADS, 1, 1), shrink_smem as u32)?;
             let null: u64 = 0;
             let mut launch = ks.launch_builder(&self.shrink);
