@@ -10,9 +10,9 @@ use half::bf16;
 use super::fused::{LoraMoeLinear, LoraMoeProjection};
 use super::gemm::GemmPlans;
 use super::unfused::Unfused;
-use crate::lora_moe::config::{LoraMoeConfig, LoraMoeDims, LoraMoeTensors, OP};
 use crate::backend::cuda::{dev_err, CudaDevice};
 use crate::error::{FapeError, Result};
+use crate::lora_moe::config::{LoraMoeConfig, LoraMoeDims, LoraMoeTensors, OP};
 
 /// What one timed run does.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -197,9 +197,9 @@ impl CudaBenchProblem {
 
 #[cfg(test)]
 mod tests {
-    use crate::lora_moe::{reference, Band, LoraMoeConfig, LoraMoeDims, LoraMoeTensors, TOLERANCE_BF16};
     use super::{CudaBenchProblem, CudaVariant};
     use crate::backend::{Device, DeviceKind};
+    use crate::lora_moe::{reference, Band, LoraMoeConfig, LoraMoeDims, LoraMoeTensors, TOLERANCE_BF16};
     use crate::testing::{assert_close, device_or_skip};
     use half::bf16;
 

@@ -100,7 +100,6 @@ fn check_multiple_of_8(tensor: &'static str, shape: &[usize], extent: usize) -> 
     }
 }
 
-
 /// The device address of `buf` must be 16-byte aligned (the kernels load 8 bf16 at a time).
 fn check_aligned<T, P: DevicePtr<T>>(tensor: &'static str, buf: &P, stream: &CudaStream) -> Result<()> {
     let (ptr, _sync) = buf.device_ptr(stream);
@@ -798,7 +797,15 @@ pub(crate) fn lora_moe(
     let mut y = poison(rows * n)?;
     let mut gates = device.output("gates", rows * experts)?;
     let g_view = guidance.as_ref().map(|g| g.slice(..));
-    layer.run(schedule, &x.slice(..), batch, tokens, g_view.as_ref(), &mut y.slice_mut(..), &mut gates.slice_mut(..))?;
+    layer.run(
+        schedule,
+        &x.slice(..),
+        batch,
+        tokens,
+        g_view.as_ref(),
+        &mut y.slice_mut(..),
+        &mut gates.slice_mut(..),
+    )?;
     let context = "copying `y` back to the host (or an earlier kernel on the stream failed)";
     let y_host = stream.clone_dtoh(&y).map_err(dev_err(context))?;
     let gates_host = device.download("gates", &gates)?;
@@ -813,10 +820,10 @@ pub(crate) fn lora_moe(
 
 #[cfg(test)]
 mod tests {
-    use crate::lora_moe::{lora_moe, reference, Band, LoraMoeConfig, LoraMoeDims, LoraMoeTensors, TOLERANCE_BF16};
     use super::{LoraMoeLinear, LoraMoeProjection, Schedule};
     use crate::backend::{Device, DeviceKind};
     use crate::error::FapeError;
+    use crate::lora_moe::{lora_moe, reference, Band, LoraMoeConfig, LoraMoeDims, LoraMoeTensors, TOLERANCE_BF16};
     use crate::testing::{assert_close, device_or_skip};
     use half::bf16;
 

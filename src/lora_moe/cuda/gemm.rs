@@ -197,7 +197,10 @@ impl GemmPlan {
         // then pick a kernel that faults or fails on the views this path passes (x of a candle
         // tensor at an offset, xa and Wp from column d on): give it each pointer's alignment.
         let pref = LtPref::new()?;
-        pref.set(sys::cublasLtMatmulPreferenceAttributes_t::CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &workspace_bytes)?;
+        pref.set(
+            sys::cublasLtMatmulPreferenceAttributes_t::CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES,
+            &workspace_bytes,
+        )?;
         for (attr, alignment) in [
             (sys::cublasLtMatmulPreferenceAttributes_t::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, align[0]),
             (sys::cublasLtMatmulPreferenceAttributes_t::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES, align[1]),
@@ -289,11 +292,7 @@ impl GemmPlans {
             }
         };
         if m == 0 || n == 0 || k == 0 {
-            return Err(FapeError::Unsupported {
-                op: OP,
-                backend: "cuda",
-                what: format!("an empty GEMM {m}x{n}x{k}"),
-            });
+            return Err(FapeError::Unsupported { op: OP, backend: "cuda", what: format!("an empty GEMM {m}x{n}x{k}") });
         }
         short("a", a.len(), m, lda)?;
         short("weight", w.len(), n, ldw)?;
