@@ -4,7 +4,7 @@
 // Conventions for every kernel in this file:
 //   * tensors are dense row-major f32, extents passed as int, flat offsets computed in 64 bits;
 //   * entry points are `extern "C"` (unmangled names for cuModuleGetFunction), named
-//     `<op>_<dtype>`, and the launch wrapper in src/lora_moe/cuda.rs mirrors their argument list;
+//     `<op>_<dtype>`, and the launch wrapper in src/lora_moe/cuda/fp32.rs mirrors their argument list;
 //   * tile sizes are `constexpr` in a namespace per op and mirrored as consts in the wrapper.
 
 // ---------------------------------------------------------------------------------------------
@@ -24,7 +24,7 @@
 // window down the staged rows: one shared load of x and one broadcast load of h per tap feed
 // ROWS FMAs. For one output the taps are summed in ascending j, as the reference does.
 //
-// Two instantiations (measured on an H200, see src/lora_moe/cuda.rs):
+// Two instantiations (measured on an H200, see src/lora_moe/cuda/fp32.rs):
 //   token_lowpass_f32       ROWS = 8, tap loop rolled: 32 registers, full occupancy; best for
 //                           short filters, where the op is bound by memory bandwidth.
 //   token_lowpass_long_f32  ROWS = 16, tap loop unrolled by ROWS (the window's shift becomes
@@ -162,7 +162,7 @@ token_lowpass_long_f32(const float* __restrict__ x,
 }
 
 // ---------------------------------------------------------------------------------------------
-// lora_moe: the fused LoRA-MoE layer, f32. The launch wrapper (src/lora_moe/cuda.rs) runs
+// lora_moe: the fused LoRA-MoE layer, f32. The launch wrapper (src/lora_moe/cuda/fp32.rs) runs
 //
 //   1. s      = x . A_cat^T                  lora_moe_gemm_nt_f32   [B*T, E*r]  (shrink first)
 //   2. logits = g . router^T                 lora_moe_gemm_nt_f32   [B*T, E]    (g = guidance or x)

@@ -1,5 +1,5 @@
 // The fused bf16 LoRA-MoE path of fape-kernels, compiled at run time with NVRTC (see
-// src/backend/cuda.rs); launch wrappers in src/lora_moe/cuda_bf16.rs.
+// src/backend/cuda.rs); launch wrappers in src/lora_moe/cuda/fused.rs.
 //
 // Self-contained (NVRTC has no system include path): bf16 values travel as their raw 16 bits
 // (`unsigned short`), widened with a shift and narrowed with round-to-nearest-even here.
@@ -9,7 +9,8 @@
 // GEMM), E experts of rank r each (W = E*r shrink columns per projection):
 //
 //   1. lora_moe_shrink_bf16, ONE pass over x (a tile of tokens plus the (taps-1)/2 halo):
-//        s[m, :]      = x[m, :] . S^T      S = [A_cat of every projection ; routers] (bf16 [S_rows, d])
+//        s[m, :]      = x[m, :] . S^T      S = [A_cat of every projection ; routers] (bf16 [S_rows, d],
+//                                          rows padded with zeros to a multiple of 8; tensor cores)
 //        xa[m, 0:d]   = x[m, :]            (the base part of the augmented activations)
 //        partials     = per-image sums of low(x)^2, (x - low(x))^2, x^2 over the tile (f64)
 //      The band filters run along tokens and the shrink along features, so they commute:
@@ -55,31 +56,58 @@ __device__ __forceinline__ void unpack8(uint4 v, float* dst)
 
 namespace lora_moe_shrink_cfg {
 constexpr int THREADS = 256;                             // = blockDim.x
-constexpr int TOKENS = 32;                               // tokens per block (tile)
-constexpr int SLAB = 32;                                 // shrink rows (s columns) per block
-constexpr int CHUNK = 64;                                // columns of x staged per pass
+constexpr int TOKENS = 32;                               // tokens per block (tile): two m16 tiles
+constexpr int SLAB = 32;                                 // shrink rows (s columns) per block: four n8 tiles
+constexpr int ROW_PAD = 8;                               // mat_rows is a multiple of this (n8 tiles)
+constexpr int CHUNK = 64;                                // columns of x staged per pass: four k16 steps
 constexpr int SPLIT_COLS = 256;                          // columns of x per block (d split)
-constexpr int STRIDE = CHUNK + 4;                        // padded shared row (floats; float4 rows)
+constexpr int STRIDE = CHUNK + 8;                        // padded shared row, bf16 (36 words)
 constexpr int WARPS = THREADS / 32;
-constexpr int TOKEN_GROUPS = THREADS / SLAB;             // shrink: tokens tt, tt + 8, ...
-constexpr int PER_THREAD = TOKENS / TOKEN_GROUPS;        // shrink outputs per thread
+constexpr int M_TILES = TOKENS / 16;                     // warp w: m tile w % M_TILES,
+constexpr int N_TILES = SLAB / ROW_PAD;                  // n tile w / M_TILES
 constexpr int ROW_GROUPS = THREADS / CHUNK;              // energy: rows g*ROWS_E .. +ROWS_E
-constexpr int ROWS_E = TOKENS / ROW_GROUPS;               // energy: consecutive rows per thread
-static_assert(SPLIT_COLS % CHUNK == 0 && CHUNK % 8 == 0, "whole 16-byte vectors per chunk");
-static_assert(STRIDE % 4 == 0, "16-byte aligned shared rows for float4 reads");
-static_assert(TOKENS % TOKEN_GROUPS == 0 && TOKENS % ROW_GROUPS == 0, "even work split");
+constexpr int ROWS_E = TOKENS / ROW_GROUPS;              // energy: consecutive rows per thread
+static_assert(SPLIT_COLS % CHUNK == 0 && CHUNK % 16 == 0, "whole k16 steps per chunk");
+static_assert(STRIDE % 8 == 0, "16-byte aligned shared rows for the uint4 stores");
+static_assert(M_TILES * N_TILES == WARPS, "one 16x8 output tile per warp");
+static_assert(TOKENS % ROW_GROUPS == 0, "even work split");
 }  // namespace lora_moe_shrink_cfg
 
-// Grid: (tiles * splits, slabs, B) with tiles = ceil(T / TOKENS), splits = ceil(d / SPLIT_COLS),
-// slabs = mat_rows / SLAB; blockIdx.x = tile * splits + split. Block: (THREADS, 1, 1).
-// Dynamic shared memory: ((TOKENS + taps - 1) + SLAB) * STRIDE + taps floats.
+// d (16x8 f32) += a (16x16 bf16, row) * b (16x8 bf16, col). Fragments (g = lane / 4,
+// q = lane % 4; a register holds two bf16, the lower-indexed one in its low half):
+//   a0 = A[g][2q, 2q+1], a1 = A[g+8][2q, 2q+1], a2 = A[g][2q+8, +9], a3 = A[g+8][2q+8, +9];
+//   b0 = B[2q, 2q+1][g], b1 = B[2q+8, +9][g]   (B "col": the n rows of B^T, row-major);
+//   d0, d1 = D[g][2q, 2q+1], d2, d3 = D[g+8][2q, 2q+1].
+__device__ __forceinline__ void lora_moe_mma_bf16(float (&d)[4], const unsigned (&a)[4], unsigned b0, unsigned b1)
+{
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%0,%1,%2,%3};"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+// Two bf16 at p (4-byte aligned) as one 32-bit fragment register.
+__device__ __forceinline__ unsigned lora_moe_pair(const bf16_bits* p)
+{
+    return *reinterpret_cast<const unsigned*>(p);
+}
+
+// Grid: (tiles * splits, ceil(mat_rows / SLAB), B) with tiles = ceil(T / TOKENS), splits =
+// ceil(d / SPLIT_COLS); blockIdx.x = tile * splits + split. Block: (THREADS, 1, 1).
+// Dynamic shared memory: round_up(taps, 4) floats, then ((TOKENS + taps - 1) + SLAB) * STRIDE
+// bf16.
 //
 // x:        [B*T, d] bf16, 16-byte aligned rows (d % 8 == 0, 16-byte aligned base).
-// mat:      [mat_rows, d] bf16, mat_rows a multiple of SLAB (zero rows past the real ones).
+// mat:      [mat_rows, d] bf16, mat_rows a multiple of ROW_PAD (zero rows past the real ones).
 // s:        [splits, B*T, mat_rows] f32: the split's partial dot products.
 // xa:       [B*T, xa_stride] bf16 or null: blocks of slab 0 copy their x tile into columns 0..d.
 // partials: [B, tiles * splits, 3] f64 or null: blocks of slab 0 write their tile's sums of
 //           low^2, (x-low)^2, x^2 (low along tokens with h [taps], zero padding in the image).
+//
+// The shrink runs on the tensor cores: x and the slab stay bf16 in shared memory, and each warp
+// accumulates one 16-token x 8-row tile of s in f32 (mma.sync.m16n8k16, products exact, f32
+// sums); warps whose 8 rows lie past mat_rows (the last slab) skip the MMAs.
 extern "C" __global__ void __launch_bounds__(lora_moe_shrink_cfg::THREADS)
 lora_moe_shrink_bf16(const bf16_bits* __restrict__ x,
                      const bf16_bits* __restrict__ mat,
@@ -112,23 +140,27 @@ lora_moe_shrink_bf16(const bf16_bits* __restrict__ x,
     const int rows = TOKENS + 2 * half;                      // staged rows: tile + halo
     const long long image_row = (long long)b * tokens;     // row of token 0 of image b
 
-    float* xs = smem;                                        // [rows][STRIDE]
-    float* as = xs + (TOKENS + taps - 1) * STRIDE;           // [SLAB][STRIDE]
-    float* hs = as + SLAB * STRIDE;                          // [taps]
+    float* hs = smem;                                        // [taps], padded to 16 bytes
+    bf16_bits* xs = reinterpret_cast<bf16_bits*>(smem + ((taps + 3) & ~3));  // [rows][STRIDE]
+    bf16_bits* as = xs + (TOKENS + taps - 1) * STRIDE;      // [SLAB][STRIDE]
     if (energy)
         for (int j = tid; j < taps; j += THREADS) hs[j] = h[j];
 
-    const int k = tid % SLAB;                                // shrink: this thread's s column
-    const int tt = tid / SLAB;                               // and tokens tt + TOKEN_GROUPS * i
-    float acc[PER_THREAD];
-#pragma unroll
-    for (int i = 0; i < PER_THREAD; ++i) acc[i] = 0.0f;
+    const int lane = tid % 32;
+    const int g = lane / 4;
+    const int q = lane % 4;
+    const int mt = (tid / 32) % M_TILES;                     // this warp's tokens mt*16 ..
+    const int nt = (tid / 32) / M_TILES;                     // and slab rows nt*8 ..
+    const int n0 = slab * SLAB + nt * ROW_PAD;
+    const bool mma_warp = n0 < mat_rows;                     // uniform per warp
+    float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
     const int ec = tid % CHUNK;                              // energy: this thread's column
     const int er = (tid / CHUNK) * ROWS_E;                   // and tile rows er .. er + ROWS_E
     double e_low = 0.0, e_high = 0.0, e_full = 0.0;
 
     const int c_begin = split * SPLIT_COLS;
     const int c_end = min(d, c_begin + SPLIT_COLS);
+    const int slab_rows = min(SLAB, mat_rows - slab * SLAB);
     for (int c0 = c_begin; c0 < c_end; c0 += CHUNK) {
         __syncthreads();                                     // the previous chunk is consumed
         for (int i = tid; i < rows * (CHUNK / 8); i += THREADS) {
@@ -142,30 +174,30 @@ lora_moe_shrink_bf16(const bf16_bits* __restrict__ x,
                 if (copy && r >= half && r < half + TOKENS)
                     *reinterpret_cast<uint4*>(xa + (image_row + t) * xa_stride + c) = v;
             }
-            unpack8(v, xs + r * STRIDE + (c - c0));
+            *reinterpret_cast<uint4*>(xs + r * STRIDE + (c - c0)) = v;
         }
-        for (int i = tid; i < SLAB * (CHUNK / 8); i += THREADS) {
+        // Rows past mat_rows (only in the last slab) are read by no warp and not staged.
+        for (int i = tid; i < slab_rows * (CHUNK / 8); i += THREADS) {
             const int rr = i / (CHUNK / 8);
             const int c = c0 + (i % (CHUNK / 8)) * 8;
             uint4 v = make_uint4(0u, 0u, 0u, 0u);
             if (c < c_end) v = *reinterpret_cast<const uint4*>(mat + (long long)(slab * SLAB + rr) * d + c);
-            unpack8(v, as + rr * STRIDE + (c - c0));
+            *reinterpret_cast<uint4*>(as + rr * STRIDE + (c - c0)) = v;
         }
         __syncthreads();
 
-        // Columns past c_end were staged as zeros in both operands. Four columns per shared
-        // load (rows are 16-byte aligned): the warp's 32 threads read 32 rows of `as` (distinct
-        // 16-byte bank groups within each 8-thread phase, STRIDE = 68) and broadcast one row of xs.
-#pragma unroll 4
-        for (int cc = 0; cc < CHUNK; cc += 4) {
-            const float4 a = *reinterpret_cast<const float4*>(as + k * STRIDE + cc);
+        // Columns past c_end were staged as zeros in both operands. Fragment loads are 32-bit:
+        // with rows of 36 words, lane (g, q) reads word 4g + q (mod 32) of its k step, so the
+        // 32 lanes hit 32 distinct banks.
+        if (mma_warp) {
+            const bf16_bits* a_lo = xs + (half + mt * 16 + g) * STRIDE + 2 * q;
+            const bf16_bits* a_hi = a_lo + 8 * STRIDE;
+            const bf16_bits* b_row = as + (nt * ROW_PAD + g) * STRIDE + 2 * q;
 #pragma unroll
-            for (int i = 0; i < PER_THREAD; ++i) {
-                const float4 v = *reinterpret_cast<const float4*>(xs + (half + tt + TOKEN_GROUPS * i) * STRIDE + cc);
-                acc[i] = fmaf(v.x, a.x, acc[i]);
-                acc[i] = fmaf(v.y, a.y, acc[i]);
-                acc[i] = fmaf(v.z, a.z, acc[i]);
-                acc[i] = fmaf(v.w, a.w, acc[i]);
+            for (int kk = 0; kk < CHUNK; kk += 16) {
+                const unsigned a[4] = {lora_moe_pair(a_lo + kk), lora_moe_pair(a_hi + kk), lora_moe_pair(a_lo + kk + 8),
+                                       lora_moe_pair(a_hi + kk + 8)};
+                lora_moe_mma_bf16(acc, a, lora_moe_pair(b_row + kk), lora_moe_pair(b_row + kk + 8));
             }
         }
 
@@ -177,13 +209,13 @@ lora_moe_shrink_bf16(const bf16_bits* __restrict__ x,
             float low[ROWS_E];
 #pragma unroll
             for (int i = 0; i < ROWS_E; ++i) {
-                window[i] = i > 0 ? xs[(er + i - 1) * STRIDE + ec] : 0.0f;
+                window[i] = i > 0 ? bf16_to_f32(xs[(er + i - 1) * STRIDE + ec]) : 0.0f;
                 low[i] = 0.0f;
             }
             for (int j = 0; j < taps; ++j) {
 #pragma unroll
                 for (int i = 0; i + 1 < ROWS_E; ++i) window[i] = window[i + 1];
-                window[ROWS_E - 1] = xs[(er + j + ROWS_E - 1) * STRIDE + ec];
+                window[ROWS_E - 1] = bf16_to_f32(xs[(er + j + ROWS_E - 1) * STRIDE + ec]);
                 const float w = hs[j];
 #pragma unroll
                 for (int i = 0; i < ROWS_E; ++i) low[i] = fmaf(w, window[i], low[i]);
@@ -191,7 +223,7 @@ lora_moe_shrink_bf16(const bf16_bits* __restrict__ x,
 #pragma unroll
             for (int i = 0; i < ROWS_E; ++i) {
                 if (t0 + er + i < tokens) {
-                    const double xv = (double)xs[(er + i + half) * STRIDE + ec];
+                    const double xv = (double)bf16_to_f32(xs[(er + i + half) * STRIDE + ec]);
                     const double lv = (double)low[i];
                     e_low += lv * lv;
                     e_high += (xv - lv) * (xv - lv);
@@ -201,11 +233,16 @@ lora_moe_shrink_bf16(const bf16_bits* __restrict__ x,
         }
     }
 
-    const long long m_rows = (long long)batch * tokens;
+    if (mma_warp) {
+        const long long m_rows = (long long)batch * tokens;
 #pragma unroll
-    for (int i = 0; i < PER_THREAD; ++i) {
-        const int t = t0 + tt + TOKEN_GROUPS * i;
-        if (t < tokens) s[((long long)split * m_rows + image_row + t) * mat_rows + slab * SLAB + k] = acc[i];
+        for (int hi = 0; hi < 2; ++hi) {
+            const int t = t0 + mt * 16 + g + 8 * hi;
+            if (t < tokens) {
+                float2 v = make_float2(acc[2 * hi], acc[2 * hi + 1]);
+                *reinterpret_cast<float2*>(s + ((long long)split * m_rows + image_row + t) * mat_rows + n0 + 2 * q) = v;
+            }
+        }
     }
 
     if (energy) {
@@ -472,7 +509,7 @@ lora_moe_pack_bf16(const bf16_bits* __restrict__ w,
 }
 
 // ---------------------------------------------------------------------------------------------
-// The unfused baseline (src/lora_moe/cuda_unfused.rs): the reference's code path, literally,
+// The unfused baseline (src/lora_moe/cuda/unfused.rs): the reference's code path, literally,
 // for benchmarks and as a second GPU reference. Every kernel grid-strides over its elements
 // with blocks of 256 threads; GEMMs are cuBLAS calls between them.
 // ---------------------------------------------------------------------------------------------

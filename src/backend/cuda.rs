@@ -415,6 +415,18 @@ impl CudaDevice {
         }
         let context = format!("creating the context of CUDA device {ordinal}");
         let ctx = CudaContext::new(ordinal).map_err(|e| open_error(&context, e))?;
+        // The stream created below is the context's second one, which switches cudarc to
+        // multi-stream event tracking: an event record and a wait per buffer argument of every
+        // launch and copy. Everything of this device runs on that one stream; the one second
+        // stream of the crate (`LoraMoeLinear::forward_overlapped`) is ordered with explicit
+        // events both ways, on every path.
+        // SAFETY: no buffer of this context exists yet, so none is left with tracking on; the
+        // obligations of untracked buffers (no use on another stream before its allocation or
+        // after its free, no concurrent writes from two streams) hold because buffers are used
+        // on the device's stream only, apart from the side stream of `forward_overlapped`, which
+        // waits for the device's stream before its first launch and is waited for before the
+        // call returns.
+        unsafe { ctx.disable_event_tracking() };
         let name = ctx.name().map_err(dev_err("reading the device name"))?;
         let (major, minor) = ctx.compute_capability().map_err(dev_err("reading the compute capability"))?;
         let stream = ctx.new_stream().map_err(dev_err("creating a stream"))?;

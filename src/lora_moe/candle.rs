@@ -213,7 +213,7 @@ mod cuda_fwd {
     use half::bf16;
 
     use super::super::config::{LoraMoeDims, LoraMoeInputs, OP};
-    use super::super::cuda_bf16::{LoraMoeLinear, LoraMoeProjection};
+    use super::super::cuda::{LoraMoeLinear, LoraMoeProjection};
     use super::LoraMoeOp;
     use crate::backend::cuda::{dev_err, CudaDevice};
     use crate::candle_ops::{candle_error, cuda_view};
@@ -346,7 +346,7 @@ mod cuda_fwd {
                 .transpose()
                 .map_err(candle_error)?,
         };
-        let out = super::super::cuda::lora_moe(device, &inputs, dims, &op.config).map_err(candle_error)?;
+        let out = super::super::cuda::lora_moe_f32(device, &inputs, dims, &op.config).map_err(candle_error)?;
         let y = device
             .stream()
             .clone_htod(&out.y.data)

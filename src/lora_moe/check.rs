@@ -46,7 +46,7 @@ pub(crate) fn check_rows(device: &Device, cases: CaseSet) -> Vec<CheckRow> {
         if let Device::Cuda(d) = device {
             let overlapped = |_: &Device, inputs: &LoraMoeInputs<'_, half::bf16>, config: &LoraMoeConfig| {
                 let dims = inputs.validate(config)?;
-                super::cuda_bf16::lora_moe(d, inputs, dims, config, super::cuda_bf16::Schedule::Overlapped)
+                super::cuda::lora_moe_bf16(d, inputs, dims, config, super::cuda::Schedule::Overlapped)
             };
             rows.extend(lora_moe_rows(device, case, 100 + i as u64, TOLERANCE_BF16, " 2gemm", &overlapped));
         }

@@ -74,7 +74,7 @@ impl LoraMoeDtype for f32 {
         dims: LoraMoeDims,
         config: &LoraMoeConfig,
     ) -> Result<LoraMoeOutput<Self>> {
-        super::cuda::lora_moe(device, inputs, dims, config)
+        super::cuda::lora_moe_f32(device, inputs, dims, config)
     }
 }
 
@@ -94,7 +94,7 @@ impl LoraMoeDtype for bf16 {
         dims: LoraMoeDims,
         config: &LoraMoeConfig,
     ) -> Result<LoraMoeOutput<Self>> {
-        super::cuda_bf16::lora_moe(device, inputs, dims, config, super::cuda_bf16::Schedule::OneGemm)
+        super::cuda::lora_moe_bf16(device, inputs, dims, config, super::cuda::Schedule::OneGemm)
     }
 }
 

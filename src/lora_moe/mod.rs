@@ -16,25 +16,13 @@ mod cpu;
 mod cube;
 #[cfg(feature = "cuda")]
 mod cuda;
-#[cfg(feature = "cuda")]
-mod cuda_bench;
-#[cfg(feature = "cuda")]
-mod cuda_bf16;
-#[cfg(feature = "cuda")]
-mod cuda_gemm;
-#[cfg(feature = "cuda")]
-mod cuda_unfused;
 mod dtype;
 mod gating;
 mod lowpass;
 
 pub use config::{Band, LoraMoeConfig, LoraMoeDims, LoraMoeInputs, LoraMoeOutput, LoraMoeTensors, OP};
 #[cfg(feature = "cuda")]
-pub use cuda_bench::{CudaBenchProblem, CudaVariant};
-#[cfg(feature = "cuda")]
-pub use cuda_bf16::{LoraMoeLinear, LoraMoeProjection, Schedule, MAX_RANK, MAX_TAPS};
-#[cfg(feature = "cuda")]
-pub use cuda_gemm::gemm_bias;
+pub use cuda::{CudaBenchProblem, CudaVariant, GemmPlans, LoraMoeLinear, LoraMoeProjection, Schedule, MAX_RANK, MAX_TAPS};
 pub use dtype::LoraMoeDtype;
 pub use lowpass::{gaussian_taps, token_lowpass, LowpassDims};
 

@@ -9,42 +9,42 @@
 //! band(s)` into `xa`), and one cuBLASLt bf16 GEMM `y = xa . Wp^T + bias` (f32 accumulate,
 //! bias in the epilogue). [`lora_moe`] is the host functional form the dispatcher calls.
 
-use std::collections::HashMap;
 use std::sync::{Arc, Mutex, OnceLock};
 
-use cudarc::cublaslt::CudaBlasLT;
-
-use super::cuda_gemm::{blas_for, gemm_strided};
 use cudarc::driver::{
     CudaFunction, CudaSlice, CudaStream, CudaView, CudaViewMut, DevicePtr, DeviceRepr, PushKernelArg, ValidAsZeroBits,
 };
 use half::bf16;
 
-use super::config::{LoraMoeConfig, LoraMoeDims, LoraMoeInputs, LoraMoeOutput, OP};
-use super::lowpass::gaussian_taps;
-use crate::backend::cuda::{dev_err, kernel_int, launch_config, tiles, CudaDevice, LORA_MOE_BF16_CU};
+use super::gemm::GemmPlans;
+use super::shared::{bf16_kernel, check_len};
+use crate::backend::cuda::{dev_err, kernel_int, launch_config, tiles, CudaDevice};
 use crate::error::{FapeError, Result};
+use crate::lora_moe::config::{LoraMoeConfig, LoraMoeDims, LoraMoeInputs, LoraMoeOutput, OP};
+use crate::lora_moe::lowpass::gaussian_taps;
 use crate::tensor::Tensor;
 
 /// Mirrors `lora_moe_shrink_cfg` in `kernels/lora_moe_bf16.cu`.
 mod shrink_cfg {
     /// `blockDim.x`.
     pub const THREADS: u32 = 256;
-    /// Tokens per block.
+    /// Tokens per block (two m16 tiles of the tensor-core shrink).
     pub const TOKENS: usize = 32;
-    /// Shrink-matrix rows per block (grid y).
+    /// Shrink-matrix rows per block (grid y): four n8 tiles.
     pub const SLAB: usize = 32;
+    /// The shrink matrices' rows are padded with zeros to a multiple of this (one n8 tile).
+    pub const ROW_PAD: usize = 8;
     /// Columns of x per block (the d split of grid x).
     pub const SPLIT_COLS: usize = 256;
-    /// Padded shared row, floats.
-    pub const STRIDE: usize = 68;
+    /// Padded shared row, bf16.
+    pub const STRIDE: usize = 72;
     /// Static shared memory of the kernel (`red`: 8 warps x 3 doubles).
     pub const STATIC_SMEM_BYTES: usize = 8 * 3 * 8;
 
-    /// Dynamic shared memory of a launch: the tile plus halo rows and the slab rows, padded to
-    /// STRIDE floats, then the taps.
+    /// Dynamic shared memory of a launch: the taps (f32, padded to 16 bytes), then the tile
+    /// plus halo rows and the slab rows, STRIDE bf16 each.
     pub const fn dynamic_smem_bytes(taps: usize) -> usize {
-        (((TOKENS + taps - 1) + SLAB) * STRIDE + taps) * 4
+        taps.next_multiple_of(4) * 4 + ((TOKENS + taps - 1) + SLAB) * STRIDE * 2
     }
 }
 
@@ -86,26 +86,6 @@ fn unsupported(what: impl Into<String>) -> FapeError {
     FapeError::Unsupported { op: OP, backend: BACKEND, what: what.into() }
 }
 
-/// Kernel `name` of `kernels/lora_moe_bf16.cu` on `device`, looked up once per context and kept
-/// for the process, so layers built per call (the candle op) skip hashing the source. The
-/// function holds its module, hence its context, so the key (the context's address) is never
-/// reused by another context.
-///
-/// # Errors
-/// As [`CudaDevice::module`]; [`FapeError::Device`] when the module has no such kernel.
-pub(crate) fn bf16_kernel(device: &CudaDevice, name: &'static str) -> Result<CudaFunction> {
-    type Key = (usize, &'static str);
-    static FUNCTIONS: OnceLock<Mutex<HashMap<Key, CudaFunction>>> = OnceLock::new();
-    let key = (device.stream().context().cu_ctx() as usize, name);
-    let mut functions = FUNCTIONS.get_or_init(Default::default).lock().unwrap_or_else(|p| p.into_inner());
-    if let Some(function) = functions.get(&key) {
-        return Ok(function.clone());
-    }
-    let function = device.function(LORA_MOE_BF16_CU, name)?;
-    functions.insert(key, function.clone());
-    Ok(function)
-}
-
 /// `d` (or `dg`) as the bf16 kernels need it: a multiple of 8 (16-byte rows).
 fn check_multiple_of_8(tensor: &'static str, shape: &[usize], extent: usize) -> Result<()> {
     if extent.is_multiple_of(8) {
@@ -117,16 +97,6 @@ fn check_multiple_of_8(tensor: &'static str, shape: &[usize], extent: usize) -> 
             expected: "a last extent divisible by 8 (the CUDA bf16 path reads 16-byte rows)".to_string(),
             actual: shape.to_vec(),
         })
-    }
-}
-
-/// A device buffer must hold exactly `needed` elements.
-pub(crate) fn check_len(tensor: &'static str, len: usize, shape: &[usize]) -> Result<()> {
-    let needed: usize = shape.iter().product();
-    if len == needed {
-        Ok(())
-    } else {
-        Err(FapeError::Layout { op: OP, tensor, len, shape: shape.to_vec(), needed })
     }
 }
 
@@ -183,7 +153,8 @@ struct Workspace {
 /// concatenated along features (`y [B*T, n_1 + .. + n_P]`), their gates stacked (`[P, B*T, E]`).
 pub struct LoraMoeLinear {
     device: CudaDevice,
-    blas: Arc<CudaBlasLT>,
+    /// The GEMMs' cuBLASLt handle and workspace, and their plans per shape.
+    gemms: GemmPlans,
     shrink: CudaFunction,
     gate: CudaFunction,
     d: usize,
@@ -193,11 +164,11 @@ pub struct LoraMoeLinear {
     outputs: Vec<usize>,
     k_pad: usize,
     /// `[mat_rows, d]`: the P shrink matrices `A_cat [E*r, d]`, then (when `dg == d`) the P
-    /// routers `[E, d]`, then zero rows up to a multiple of the slab.
+    /// routers `[E, d]`, then zero rows up to a multiple of 8 (the tensor cores' n8 tiles).
     shrink_mat: CudaSlice<bf16>,
     mat_rows: usize,
     routers_in_shrink: bool,
-    /// `[router_rows, dg]`: the P routers for a guided call, zero rows up to a slab multiple.
+    /// `[router_rows, dg]`: the P routers for a guided call, zero rows up to a multiple of 8.
     router_mat: CudaSlice<bf16>,
     router_rows: usize,
     /// `[N_total, k_pad]`.
@@ -270,8 +241,8 @@ impl LoraMoeLinear {
         let k_pad = (d + count * width).next_multiple_of(8);
         let routers_in_shrink = dg == d;
         let shrink_rows = count * width + if routers_in_shrink { count * experts } else { 0 };
-        let mat_rows = shrink_rows.next_multiple_of(shrink_cfg::SLAB);
-        let router_rows = (count * experts).next_multiple_of(shrink_cfg::SLAB);
+        let mat_rows = shrink_rows.next_multiple_of(shrink_cfg::ROW_PAD);
+        let router_rows = (count * experts).next_multiple_of(shrink_cfg::ROW_PAD);
         for (what, v) in
             [("packed weight", n_total * k_pad), ("shrink matrix", mat_rows * d), ("router matrix", router_rows * dg)]
         {
@@ -320,10 +291,10 @@ impl LoraMoeLinear {
         let h = stream.clone_htod(&h32).map_err(dev_err("copying the filter taps to the device"))?;
         let codes: Vec<i32> = config.bands.iter().map(|b| b.kernel_code() as i32).collect();
         let bands = stream.clone_htod(&codes).map_err(dev_err("copying `bands` to the device"))?;
-        let blas = blas_for(&stream)?;
+        let gemms = GemmPlans::new(&stream)?;
         Ok(Self {
             device: device.clone(),
-            blas,
+            gemms,
             shrink: bf16_kernel(device, "lora_moe_shrink_bf16")?,
             gate: bf16_kernel(device, "lora_moe_gate_bf16")?,
             d,
@@ -419,9 +390,8 @@ impl LoraMoeLinear {
         y: &mut CudaViewMut<'_, bf16>,
         gates: &mut CudaViewMut<'_, f32>,
     ) -> Result<()> {
-        use gate_cfg as g;
         use shrink_cfg as sh;
-        let (d, dg, experts, rank) = (self.d, self.dg, self.experts, self.rank);
+        let (d, dg, experts) = (self.d, self.dg, self.experts);
         let count = self.outputs.len();
         let rows = batch * tokens;
         if rows == 0 {
@@ -488,11 +458,6 @@ impl LoraMoeLinear {
             ws.partials = scratch(&self.device, "energy partials", batch * pcount * 3, f64::NAN)?;
         }
 
-        let taps = self.config.taps;
-        let taps_i = kernel_int(OP, "taps", taps)?;
-        let tokens_i = kernel_int(OP, "tokens", tokens)?;
-        let k_pad_i = kernel_int(OP, "augmented K", self.k_pad)?;
-        let shrink_smem = shrink_cfg::dynamic_smem_bytes(taps);
         // The stream the shrink and gate kernels run on: the layer's, or (overlapped) the side
         // stream, which first waits for the work already queued on the layer's stream.
         let ks = match schedule {
@@ -505,11 +470,74 @@ impl LoraMoeLinear {
             }
         };
 
+        // On the side stream, the layer's stream joins it again (below) even when a launch failed,
+        // so that no later use or free of the workspace on the layer's stream races its kernels:
+        // cudarc's event tracking is off on this crate's contexts.
+        let kernels = self.shrink_and_gate(ks, schedule, ws, x, batch, tokens, guidance, gates);
+        let (n_total, k_pad) = (self.n_total(), self.k_pad);
+        let weight = self.weight.slice(..);
+        match schedule {
+            // 3. y = xa . Wp^T + bias: one GEMM over the augmented K.
+            Schedule::OneGemm => {
+                kernels?;
+                let a = ws.xa.slice(..rows * k_pad);
+                self.gemms.gemm((&a, k_pad), (&weight, k_pad), self.bias.as_ref(), y, (rows, n_total, k_pad), 0.0)
+            }
+            // 3. y = x . W^T + bias (the first d columns of Wp), meanwhile the kernels above run
+            // on the side stream; then y += u . B^T over the columns d.. of xa and Wp.
+            Schedule::Overlapped => {
+                let base = self.gemms.gemm((x, d), (&weight, k_pad), self.bias.as_ref(), y, (rows, n_total, d), 0.0);
+                // Join the side stream even when a launch failed (see above).
+                let done = ks.record_event(None).map_err(dev_err("recording an event"))?;
+                stream.wait(&done).map_err(dev_err("waiting for the side stream"))?;
+                kernels?;
+                base?;
+                let u = ws.xa.slice(d..rows * k_pad);
+                let lora = self.weight.slice(d..);
+                self.gemms.gemm((&u, k_pad), (&lora, k_pad), None, y, (rows, n_total, k_pad - d), 1.0)
+            }
+        }
+    }
+}
+
+impl LoraMoeLinear {
+    /// Steps 1 and 2 of [`Self::run`] on `ks` (the layer's stream, or the side stream of
+    /// [`Schedule::Overlapped`]): the shrink/energy pass over `x` (and the router pass over the
+    /// guidance), then the gate/filter kernel writing `u` into `ws.xa` and the gates. Extents
+    /// were checked by the caller, which sized `ws` for them.
+    ///
+    /// # Errors
+    /// [`FapeError::Unsupported`] past the kernels' int indexing; launch errors.
+    #[allow(clippy::too_many_arguments)]
+    fn shrink_and_gate(
+        &self,
+        ks: &Arc<CudaStream>,
+        schedule: Schedule,
+        ws: &mut Workspace,
+        x: &CudaView<'_, bf16>,
+        batch: usize,
+        tokens: usize,
+        guidance: Option<&CudaView<'_, bf16>>,
+        gates: &mut CudaViewMut<'_, f32>,
+    ) -> Result<()> {
+        use gate_cfg as g;
+        use shrink_cfg as sh;
+        let (d, dg, experts, rank) = (self.d, self.dg, self.experts, self.rank);
+        let count = self.outputs.len();
+        let tiles_shrink = tiles(tokens, sh::TOKENS);
+        let splits = tiles(d, sh::SPLIT_COLS);
+        let g_splits = tiles(dg, sh::SPLIT_COLS);
+        let pcount = tiles_shrink * splits;
+        let taps = self.config.taps;
+        let taps_i = kernel_int(OP, "taps", taps)?;
+        let tokens_i = kernel_int(OP, "tokens", tokens)?;
+        let k_pad_i = kernel_int(OP, "augmented K", self.k_pad)?;
+        let shrink_smem = shrink_cfg::dynamic_smem_bytes(taps);
         // 1. One pass over x: shrink (+ router logits), copy into xa, band-energy partials.
         {
             let d_i = kernel_int(OP, "d", d)?;
             let mat_rows_i = kernel_int(OP, "shrink rows", self.mat_rows)?;
-            let grid = (tiles_shrink * splits, self.mat_rows / sh::SLAB, batch);
+            let grid = (tiles_shrink * splits, tiles(self.mat_rows, sh::SLAB), batch);
             let cfg = launch_config(OP, grid, (sh::THREADS, 1, 1), shrink_smem as u32)?;
             let null: u64 = 0;
             let mut launch = ks.launch_builder(&self.shrink);
@@ -532,18 +560,21 @@ impl LoraMoeLinear {
             // int mat_rows, int xa_stride, int taps)`. x holds B*T*d bf16 (checked) at a
             // 16-byte aligned address with d % 8 == 0, so its 16-byte row loads are aligned and
             // in bounds (t < T, c < d); mat holds mat_rows*d (allocated so), s holds
-            // splits*B*T*mat_rows f32, xa B*T*k_pad bf16 (k_pad % 8 == 0, columns written < d)
+            // splits*B*T*mat_rows f32 (mat_rows % 8 == 0: the kernel's 8-byte stores of
+            // column pairs are aligned), xa B*T*k_pad bf16 (k_pad % 8 == 0, columns written < d)
             // or null (two 64-bit zeros, tested by the kernel before any access),
             // partials B*tiles*splits*3 f64 (workspace sized for these extents above), h taps
-            // f32. The grid is (tiles*splits, mat_rows/SLAB, B) with gridDim.z = B as the kernel
-            // assumes, and the dynamic shared memory is ((TOKENS + taps - 1) + SLAB) * STRIDE +
-            // taps floats (<= 48 KiB for taps <= MAX_TAPS). Every extent fits int (checked).
+            // f32. The grid is (tiles*splits, ceil(mat_rows/SLAB), B) with gridDim.z = B as the
+            // kernel assumes (it stages and multiplies only the slab rows below mat_rows), and
+            // the dynamic shared memory is round_up(taps, 4) floats and ((TOKENS + taps - 1) +
+            // SLAB) * STRIDE bf16 (<= 48 KiB for taps <= MAX_TAPS). Every extent fits int
+            // (checked).
             unsafe { launch.launch(cfg) }.map_err(dev_err("launching lora_moe_shrink_bf16"))?;
         }
         if let (Some(gd), Some(logits)) = (guidance, ws.logits.as_mut()) {
             let dg_i = kernel_int(OP, "dg", dg)?;
             let router_rows_i = kernel_int(OP, "router rows", self.router_rows)?;
-            let grid = (tiles_shrink * g_splits, self.router_rows / sh::SLAB, batch);
+            let grid = (tiles_shrink * g_splits, tiles(self.router_rows, sh::SLAB), batch);
             let cfg = launch_config(OP, grid, (sh::THREADS, 1, 1), shrink_smem as u32)?;
             let null: u64 = 0;
             let mut launch = ks.launch_builder(&self.shrink);
@@ -637,42 +668,9 @@ impl LoraMoeLinear {
             // on the same stream `ks`.
             unsafe { launch.launch(cfg) }.map_err(dev_err("launching lora_moe_gate_bf16"))?;
         }
-
-        let (n_total, k_pad) = (self.n_total(), self.k_pad);
-        let weight = self.weight.slice(..);
-        match schedule {
-            // 3. y = xa . Wp^T + bias: one GEMM over the augmented K.
-            Schedule::OneGemm => {
-                let a = ws.xa.slice(..rows * k_pad);
-                gemm_strided(
-                    &self.blas,
-                    (&a, k_pad),
-                    (&weight, k_pad),
-                    self.bias.as_ref(),
-                    y,
-                    (rows, n_total, k_pad),
-                    0.0,
-                )
-            }
-            // 3. y = x . W^T + bias (the first d columns of Wp), meanwhile the kernels above run
-            // on the side stream; then y += u . B^T over the columns d.. of xa and Wp.
-            Schedule::Overlapped => {
-                let base =
-                    gemm_strided(&self.blas, (x, d), (&weight, k_pad), self.bias.as_ref(), y, (rows, n_total, d), 0.0);
-                // Join the side stream even when the base GEMM failed, so that no later use or
-                // free of the workspace on the layer's stream races the side stream's kernels.
-                let done = ks.record_event(None).map_err(dev_err("recording an event"))?;
-                stream.wait(&done).map_err(dev_err("waiting for the side stream"))?;
-                base?;
-                let u = ws.xa.slice(d..rows * k_pad);
-                let lora = self.weight.slice(d..);
-                gemm_strided(&self.blas, (&u, k_pad), (&lora, k_pad), None, y, (rows, n_total, k_pad - d), 1.0)
-            }
-        }
+        Ok(())
     }
-}
 
-impl LoraMoeLinear {
     /// The side stream of [`Schedule::Overlapped`], created on first use.
     ///
     /// # Errors
@@ -799,7 +797,15 @@ pub(crate) fn lora_moe(
     let mut y = poison(rows * n)?;
     let mut gates = device.output("gates", rows * experts)?;
     let g_view = guidance.as_ref().map(|g| g.slice(..));
-    layer.run(schedule, &x.slice(..), batch, tokens, g_view.as_ref(), &mut y.slice_mut(..), &mut gates.slice_mut(..))?;
+    layer.run(
+        schedule,
+        &x.slice(..),
+        batch,
+        tokens,
+        g_view.as_ref(),
+        &mut y.slice_mut(..),
+        &mut gates.slice_mut(..),
+    )?;
     let context = "copying `y` back to the host (or an earlier kernel on the stream failed)";
     let y_host = stream.clone_dtoh(&y).map_err(dev_err(context))?;
     let gates_host = device.download("gates", &gates)?;
@@ -814,10 +820,10 @@ pub(crate) fn lora_moe(
 
 #[cfg(test)]
 mod tests {
-    use super::super::{lora_moe, reference, Band, LoraMoeConfig, LoraMoeDims, LoraMoeTensors, TOLERANCE_BF16};
     use super::{LoraMoeLinear, LoraMoeProjection, Schedule};
     use crate::backend::{Device, DeviceKind};
     use crate::error::FapeError;
+    use crate::lora_moe::{lora_moe, reference, Band, LoraMoeConfig, LoraMoeDims, LoraMoeTensors, TOLERANCE_BF16};
     use crate::testing::{assert_close, device_or_skip};
     use half::bf16;
 

@@ -1,5 +1,5 @@
 //! The unfused bf16 LoRA-MoE baseline on CUDA: the reference's code path
-//! ([`super::reference::lora_moe`]) literally, on the device. Per expert: the band of `x` at
+//! ([`crate::lora_moe::reference::lora_moe`]) literally, on the device. Per expert: the band of `x` at
 //! full width (`[B*T, d]`), its per-image energy, `s_e = band_e(x) A_e^T` and `t_e = s_e B_e^T`
 //! (cuBLAS); the gates from the router logits (cuBLAS) and the priors; `y = x W^T + bias +
 //! scale * sum_e gate_e * t_e`. Kept for the benchmarks (the cost fusion saves) and as a
@@ -9,11 +9,11 @@ use cudarc::cublas::{sys::cublasOperation_t, CudaBlas, Gemm, GemmConfig};
 use cudarc::driver::{CudaFunction, CudaSlice, CudaView, CudaViewMut, PushKernelArg};
 use half::bf16;
 
-use super::config::{LoraMoeConfig, LoraMoeDims, LoraMoeTensors, OP};
-use super::cuda_bf16::bf16_kernel;
-use super::lowpass::gaussian_taps;
+use super::shared::bf16_kernel;
 use crate::backend::cuda::{dev_err, kernel_int, launch_config, require_library, tiles, CudaDevice, MathLibrary};
 use crate::error::{FapeError, Result};
+use crate::lora_moe::config::{LoraMoeConfig, LoraMoeDims, LoraMoeTensors, OP};
+use crate::lora_moe::lowpass::gaussian_taps;
 
 /// Threads per block of every unfused kernel; grid-stride loops cap the blocks.
 const THREADS: u32 = 256;

@@ -2,19 +2,17 @@
 //! inputs uploaded and weights packed once, then each variant enqueued on the device's stream
 //! and timed with CUDA events (no uploads, no host work in the timed region beyond launches).
 
-use std::sync::Arc;
 use std::time::Duration;
 
-use cudarc::cublaslt::CudaBlasLT;
 use cudarc::driver::{sys as cu, CudaSlice};
 use half::bf16;
 
-use super::config::{LoraMoeConfig, LoraMoeDims, LoraMoeTensors, OP};
-use super::cuda_bf16::{LoraMoeLinear, LoraMoeProjection};
-use super::cuda_gemm::{blas_for, gemm_bias};
-use super::cuda_unfused::Unfused;
+use super::fused::{LoraMoeLinear, LoraMoeProjection};
+use super::gemm::GemmPlans;
+use super::unfused::Unfused;
 use crate::backend::cuda::{dev_err, CudaDevice};
 use crate::error::{FapeError, Result};
+use crate::lora_moe::config::{LoraMoeConfig, LoraMoeDims, LoraMoeTensors, OP};
 
 /// What one timed run does.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -52,7 +50,8 @@ pub struct CudaBenchProblem {
     device: CudaDevice,
     layer: LoraMoeLinear,
     unfused: Unfused,
-    blas: Arc<CudaBlasLT>,
+    /// The base GEMM's cuBLASLt plans (cached per shape, as the layer's are).
+    base: GemmPlans,
     x: CudaSlice<bf16>,
     weight: CudaSlice<bf16>,
     bias: CudaSlice<bf16>,
@@ -98,11 +97,11 @@ impl CudaBenchProblem {
         };
         let layer = LoraMoeLinear::new(device, dims.d, dims.dg, dims.experts, dims.rank, &[projection], config)?;
         let unfused = Unfused::new(device, &host, dims, config)?;
-        let blas = blas_for(stream)?;
+        let base = GemmPlans::new(stream)?;
         let rows = dims.batch * dims.tokens;
         let y = stream.alloc_zeros::<bf16>(rows * dims.n).map_err(dev_err("allocating `y`"))?;
         let gates = stream.alloc_zeros::<f32>(rows * dims.experts).map_err(dev_err("allocating `gates`"))?;
-        Ok(Self { device: device.clone(), layer, unfused, blas, x, weight, bias, y, gates, dims })
+        Ok(Self { device: device.clone(), layer, unfused, base, x, weight, bias, y, gates, dims })
     }
 
     /// The problem's extents.
@@ -134,8 +133,7 @@ impl CudaBenchProblem {
                 &mut self.gates.slice_mut(..),
             ),
             CudaVariant::Unfused => self.unfused.forward(&self.x, &mut self.y),
-            CudaVariant::BaseGemm => gemm_bias(
-                &self.blas,
+            CudaVariant::BaseGemm => self.base.gemm_bias(
                 &self.x.slice(..),
                 &self.weight.slice(..),
                 Some(&self.bias),
@@ -149,8 +147,8 @@ impl CudaBenchProblem {
 
     /// The device time of `reps` back-to-back runs of `variant`, between CUDA events recorded
     /// on the stream around them. Several runs per sample keep the GPU busy while the host
-    /// enqueues the next one (cuBLASLt picks its algorithm on the host at every call), so the
-    /// time is the device's, not the launch latency.
+    /// enqueues the next one, so the time is the device's, not the launch latency (the GEMMs'
+    /// cuBLASLt plans are built on a shape's first run, before the timed ones).
     ///
     /// # Errors
     /// As [`Self::enqueue`]; event errors.
@@ -199,9 +197,9 @@ impl CudaBenchProblem {
 
 #[cfg(test)]
 mod tests {
-    use super::super::{reference, Band, LoraMoeConfig, LoraMoeDims, LoraMoeTensors, TOLERANCE_BF16};
     use super::{CudaBenchProblem, CudaVariant};
     use crate::backend::{Device, DeviceKind};
+    use crate::lora_moe::{reference, Band, LoraMoeConfig, LoraMoeDims, LoraMoeTensors, TOLERANCE_BF16};
     use crate::testing::{assert_close, device_or_skip};
     use half::bf16;
 

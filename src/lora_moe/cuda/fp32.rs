@@ -2,10 +2,10 @@
 
 use cudarc::driver::{CudaSlice, PushKernelArg};
 
-use super::lowpass::OP as LOWPASS_OP;
-use super::{LowpassDims, OP};
 use crate::backend::cuda::{dev_err, kernel_int, launch_config, tiles, CudaDevice, LORA_MOE_CU};
 use crate::error::{FapeError, Result};
+use crate::lora_moe::lowpass::OP as LOWPASS_OP;
+use crate::lora_moe::{LowpassDims, OP};
 
 /// Mirrors `token_lowpass_cfg` in `kernels/lora_moe.cu`.
 mod lowpass_cfg {
@@ -322,7 +322,7 @@ fn band_scale(
     Ok(())
 }
 
-/// The LoRA-MoE layer in f32 on the GPU (issue #3). Mirrors [`super::cpu::lora_moe`]: shrink
+/// The LoRA-MoE layer in f32 on the GPU (issue #3). Mirrors [`crate::lora_moe::cpu::lora_moe`]: shrink
 /// first, then one accumulation over the augmented K `[x | u] . [W | B_1 .. B_E]^T + bias`.
 ///
 /// On the device: the shrink `s = x . A_cat^T` and router logits `g . router^T` (f32 GEMM
@@ -334,17 +334,17 @@ fn band_scale(
 /// requirement on d, n, r or E).
 ///
 /// # Errors
-/// (`dims` come from [`super::LoraMoeInputs::validate`], run by the caller.) [`FapeError::Unsupported`]
+/// (`dims` come from [`crate::lora_moe::LoraMoeInputs::validate`], run by the caller.) [`FapeError::Unsupported`]
 /// when an extent exceeds the kernels' 32-bit indexing or the CUDA grid limits;
 /// [`FapeError::Nvrtc`] / [`FapeError::Device`] from compilation, transfers and launches.
 pub(crate) fn lora_moe(
     d: &CudaDevice,
-    inputs: &super::LoraMoeInputs<'_, f32>,
-    dims: super::LoraMoeDims,
-    config: &super::LoraMoeConfig,
-) -> Result<super::LoraMoeOutput<f32>> {
-    use super::gating::gates_from_band_sums;
-    use super::{gaussian_taps, LoraMoeOutput};
+    inputs: &crate::lora_moe::LoraMoeInputs<'_, f32>,
+    dims: crate::lora_moe::LoraMoeDims,
+    config: &crate::lora_moe::LoraMoeConfig,
+) -> Result<crate::lora_moe::LoraMoeOutput<f32>> {
+    use crate::lora_moe::gating::gates_from_band_sums;
+    use crate::lora_moe::{gaussian_taps, LoraMoeOutput};
     use crate::tensor::Tensor;
 
     let h = gaussian_taps(config.taps, config.sigma)?;
