@@ -131,8 +131,12 @@ fn a_missing_syncthreads_is_a_racecheck_hazard() {
 #[test]
 fn a_tile_bound_off_by_one_is_a_memcheck_error() {
     // K/V rows up to and including Lk are fetched: the row past the last head is outside v.
-    let dir =
-        planted("bound", "attention.cu", "const bool valid = row0 + r < limit;", "const bool valid = row0 + r <= limit;");
+    let dir = planted(
+        "bound",
+        "attention.cu",
+        "const bool valid = row0 + r < limit;",
+        "const bool valid = row0 + r <= limit;",
+    );
     caught("a_tile_bound_off_by_one_is_a_memcheck_error", "attention", &dir, "memcheck", "fape-cuda-emu memcheck");
 }
 

@@ -191,7 +191,9 @@ fn a_captured_graph_replays_its_launches_with_the_arguments_of_capture() {
     let n = 45i32;
     let mut x = upload(&d, &vec![1.0f32; n as usize]);
     let cfg = LaunchConfig { grid_dim: (1, 1, 1), block_dim: (32, 1, 1), shared_mem_bytes: 0 };
-    stream.begin_capture(cudarc::driver::sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL).expect("capture");
+    stream
+        .begin_capture(cudarc::driver::sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
+        .expect("capture");
     for (a, b) in [(2.0f32, 1.0f32), (3.0, -2.0)] {
         let mut launch = stream.launch_builder(&function);
         launch.arg(&mut x).arg(&a).arg(&b).arg(&n);

@@ -67,7 +67,14 @@ fn tensor_files_claiming_more_than_they_hold_are_refused_before_allocating() {
         let path = scratch(&format!("hostile-{i}.safetensors"));
         std::fs::write(&path, bytes).unwrap();
         let shown = path.to_str().unwrap();
-        let out = fape_in_2_gib(&["op", "freq-split", "--input", shown, "--output", scratch("never.safetensors").to_str().unwrap()]);
+        let out = fape_in_2_gib(&[
+            "op",
+            "freq-split",
+            "--input",
+            shown,
+            "--output",
+            scratch("never.safetensors").to_str().unwrap(),
+        ]);
         assert_bad_input(&out, &[shown, needle]);
 
         // The weights loader reads the same headers.
@@ -82,9 +89,23 @@ fn tensor_files_claiming_more_than_they_hold_are_refused_before_allocating() {
 #[test]
 fn a_file_that_never_ends_is_read_no_further_than_its_size() {
     // /dev/zero says it holds 0 bytes and would give zeros for ever.
-    let out = fape_in_2_gib(&["op", "freq-split", "--input", "/dev/zero", "--output", scratch("never.safetensors").to_str().unwrap()]);
+    let out = fape_in_2_gib(&[
+        "op",
+        "freq-split",
+        "--input",
+        "/dev/zero",
+        "--output",
+        scratch("never.safetensors").to_str().unwrap(),
+    ]);
     assert_bad_input(&out, &["/dev/zero", "shorter than 8 bytes"]);
-    let out = fape_in_2_gib(&["weights", "synth", "--config", "/dev/zero", "--out", scratch("never-model").to_str().unwrap()]);
+    let out = fape_in_2_gib(&[
+        "weights",
+        "synth",
+        "--config",
+        "/dev/zero",
+        "--out",
+        scratch("never-model").to_str().unwrap(),
+    ]);
     assert_bad_input(&out, &["/dev/zero", "not a FLUX config"]);
 }
 
@@ -289,7 +310,8 @@ fn seed(name: &str, bytes: impl Into<Vec<u8>>) -> (String, Vec<u8>) {
 }
 
 fn tensor_file_seeds() -> Seeds {
-    let f32s: Vec<u8> = [1.0f32, -2.5, 0.0, 3.25, f32::NAN, f32::INFINITY].iter().flat_map(|v| v.to_le_bytes()).collect();
+    let f32s: Vec<u8> =
+        [1.0f32, -2.5, 0.0, 3.25, f32::NAN, f32::INFINITY].iter().flat_map(|v| v.to_le_bytes()).collect();
     let mixed = r#"{"__metadata__":{"format":"pt"},"a":{"dtype":"BF16","shape":[2,2],"data_offsets":[0,8]},"b":{"dtype":"F16","shape":[3],"data_offsets":[8,14]}}"#;
     vec![
         seed("ok-f32.safetensors", safetensors_bytes(PAST_EOF, &f32s)),
@@ -301,7 +323,10 @@ fn tensor_file_seeds() -> Seeds {
                 &[0, 0, 128, 63],
             ),
         ),
-        seed("bad-i32.safetensors", safetensors_bytes(r#"{"i":{"dtype":"I32","shape":[1],"data_offsets":[0,4]}}"#, &[1, 0, 0, 0])),
+        seed(
+            "bad-i32.safetensors",
+            safetensors_bytes(r#"{"i":{"dtype":"I32","shape":[1],"data_offsets":[0,4]}}"#, &[1, 0, 0, 0]),
+        ),
         seed("bad-past-eof.safetensors", safetensors_bytes(PAST_EOF, &f32s[..20])),
         seed("bad-terabytes.safetensors", safetensors_bytes(TERABYTES, &[0; 16])),
         seed("bad-header-length.safetensors", (1u64 << 42).to_le_bytes().to_vec()),
@@ -343,11 +368,19 @@ fn image_seeds() -> Seeds {
     let wide = |x: u32, y: u32, c: u32| ((x * 9001 + y * 577 + c * 13331) % 65536) as u16;
     let grey8 = |w, h| DynamicImage::ImageLuma8(ImageBuffer::from_fn(w, h, |x, y| image::Luma([ramp(x, y, 0)])));
     let grey16 = |w, h| DynamicImage::ImageLuma16(ImageBuffer::from_fn(w, h, |x, y| image::Luma([wide(x, y, 0)])));
-    let grey_alpha = DynamicImage::ImageLumaA8(ImageBuffer::from_fn(7, 2, |x, y| image::LumaA([ramp(x, y, 0), ramp(x, y, 3)])));
-    let rgb8 = |w, h| DynamicImage::ImageRgb8(ImageBuffer::from_fn(w, h, |x, y| image::Rgb([0, 1, 2].map(|c| ramp(x, y, c)))));
-    let rgba8 = |w, h| DynamicImage::ImageRgba8(ImageBuffer::from_fn(w, h, |x, y| image::Rgba([0, 1, 2, 3].map(|c| ramp(x, y, c)))));
-    let rgb16 = |w, h| DynamicImage::ImageRgb16(ImageBuffer::from_fn(w, h, |x, y| image::Rgb([0, 1, 2].map(|c| wide(x, y, c)))));
-    let rgba16 = |w, h| DynamicImage::ImageRgba16(ImageBuffer::from_fn(w, h, |x, y| image::Rgba([0, 1, 2, 3].map(|c| wide(x, y, c)))));
+    let grey_alpha =
+        DynamicImage::ImageLumaA8(ImageBuffer::from_fn(7, 2, |x, y| image::LumaA([ramp(x, y, 0), ramp(x, y, 3)])));
+    let rgb8 =
+        |w, h| DynamicImage::ImageRgb8(ImageBuffer::from_fn(w, h, |x, y| image::Rgb([0, 1, 2].map(|c| ramp(x, y, c)))));
+    let rgba8 = |w, h| {
+        DynamicImage::ImageRgba8(ImageBuffer::from_fn(w, h, |x, y| image::Rgba([0, 1, 2, 3].map(|c| ramp(x, y, c)))))
+    };
+    let rgb16 = |w, h| {
+        DynamicImage::ImageRgb16(ImageBuffer::from_fn(w, h, |x, y| image::Rgb([0, 1, 2].map(|c| wide(x, y, c)))))
+    };
+    let rgba16 = |w, h| {
+        DynamicImage::ImageRgba16(ImageBuffer::from_fn(w, h, |x, y| image::Rgba([0, 1, 2, 3].map(|c| wide(x, y, c)))))
+    };
     let (png, jpeg, tiff) = (ImageFormat::Png, ImageFormat::Jpeg, ImageFormat::Tiff);
     let mut truncated = encoded(rgb8(6, 5), png);
     truncated.truncate(truncated.len() - 20);
@@ -373,9 +406,15 @@ fn image_seeds() -> Seeds {
 
 fn plan_line_seeds() -> Seeds {
     vec![
-        seed("ok-denoise", "Task: denoising, Focus: high, Rationale: fine grain noise over flat areas, Pipeline: denoise"),
+        seed(
+            "ok-denoise",
+            "Task: denoising, Focus: high, Rationale: fine grain noise over flat areas, Pipeline: denoise",
+        ),
         seed("ok-deraining", "Task: deraining, Focus: high, Rationale: streaks, strong ones, Pipeline: a -> b c"),
-        seed("ok-dehazing", "  Task: dehazing, Focus: low, Rationale: veiled, low contrast, Pipeline: estimate haze -> dehaze  "),
+        seed(
+            "ok-dehazing",
+            "  Task: dehazing, Focus: low, Rationale: veiled, low contrast, Pipeline: estimate haze -> dehaze  ",
+        ),
         seed("bad-focus", "Task: dehazing, Focus: high, Rationale: r, Pipeline: a"),
         seed("bad-two-lines", "Task: denoising, Focus: high,\nRationale: r, Pipeline: a"),
         seed("bad-no-pipeline", "Task: denoising, Focus: high, Rationale: r"),
@@ -395,7 +434,10 @@ fn flux_config_seeds() -> Seeds {
   "lora_moe": { "experts": 2, "rank": 8, "bands": ["low", "high"], "taps": 9,
                 "sigma": 2.0, "temperature": 5.0, "lambda": 0.5, "top_k": 0, "scale": null } }"#,
         ),
-        seed("bad-huge-dim.json", r#"{"preset":"tiny","dim":4611686018427387904,"heads":1,"head_dim":4611686018427387904}"#),
+        seed(
+            "bad-huge-dim.json",
+            r#"{"preset":"tiny","dim":4611686018427387904,"heads":1,"head_dim":4611686018427387904}"#,
+        ),
         seed("bad-unknown-key.json", r#"{"preset":"tiny","width":3}"#),
         seed("bad-taps.json", r#"{"preset":"tiny","lora_moe":{"taps":1000001}}"#),
     ]
@@ -418,9 +460,11 @@ fn vae_config_seeds() -> Seeds {
 
 fn openai_reply_seeds() -> Seeds {
     let line = "Task: super_resolution, Focus: high, Rationale: tiny input, Pipeline: upsample -> sharpen";
-    let body = serde_json::json!({"choices": [{"message": {"role": "assistant", "content": format!("Sure.\n**{line}**")}}]})
-        .to_string();
-    let sized = format!("HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}", body.len());
+    let body =
+        serde_json::json!({"choices": [{"message": {"role": "assistant", "content": format!("Sure.\n**{line}**")}}]})
+            .to_string();
+    let sized =
+        format!("HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}", body.len());
     let (head, tail) = body.split_at(body.len() / 2);
     let chunked = format!(
         "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n{:x}\r\n{head}\r\n{:x};ext=1\r\n{tail}\r\n0\r\n\r\n",
@@ -488,7 +532,10 @@ fn seeds_are_accepted_or_refused_as_named_and_match_the_committed_corpora() {
                 std::fs::write(dir.join(name), bytes).unwrap();
             }
         }
-        assert!(committed(&dir) == made, "fuzz/corpus/{target} is stale: FAPE_WRITE_FUZZ_SEEDS=1 cargo test --test hostile_input");
+        assert!(
+            committed(&dir) == made,
+            "fuzz/corpus/{target} is stale: FAPE_WRITE_FUZZ_SEEDS=1 cargo test --test hostile_input"
+        );
     }
     assert!(total < 1 << 20, "the corpora should stay small: {total} bytes");
 }

@@ -111,7 +111,9 @@ fn token_lowpass_op() -> Op {
     Op {
         name: "token_lowpass",
         inputs: vec![input("x", 11, TOKENS.iter().product(), true)],
-        run: |device, v| token_lowpass(device, view("token_lowpass", "x", &v[0], &TOKENS), 9, 2.0).map(|t| vec![data(t)]),
+        run: |device, v| {
+            token_lowpass(device, view("token_lowpass", "x", &v[0], &TOKENS), 9, 2.0).map(|t| vec![data(t)])
+        },
     }
 }
 
@@ -144,7 +146,11 @@ fn check(op: Op) {
                 for (o, ((got, want), clean)) in got.iter().zip(&want).zip(&clean).enumerate() {
                     // The first output depends on every input.
                     assert!(o > 0 || got.iter().any(|v| !v.is_finite()), "{what}: output {o} shows no trace of it");
-                    assert_eq!(finite_mask(got), finite_mask(want), "{what}: output {o}'s non-finite elements differ from the reference's");
+                    assert_eq!(
+                        finite_mask(got),
+                        finite_mask(want),
+                        "{what}: output {o}'s non-finite elements differ from the reference's"
+                    );
                     if poisoned_input.batched {
                         let image = got.len() / BATCH;
                         let other = |values: &[f32]| values[image..].to_vec();

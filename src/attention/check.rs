@@ -79,7 +79,8 @@ fn cases(set: CaseSet) -> Vec<Case> {
     let mut f32_cases: Vec<Case> =
         DEFAULT_SHAPES.iter().flat_map(|&shape| [Case::plain(shape, false), Case::plain(shape, true)]).collect();
     f32_cases.push(Case { rope: true, magnitude: HUGE, ..Case::plain(DEFAULT_SHAPES[1], false) });
-    let mut half_cases: Vec<Case> = f32_cases.iter().map(|c| Case { rope: c.rope && c.magnitude == 1.0, ..*c }).collect();
+    let mut half_cases: Vec<Case> =
+        f32_cases.iter().map(|c| Case { rope: c.rope && c.magnitude == 1.0, ..*c }).collect();
     if set == CaseSet::Large {
         f32_cases.extend(LARGE_SHAPES.iter().map(|&shape| Case::plain(shape, true)));
         half_cases.extend(LARGE_SHAPES.iter().flat_map(|&shape| [Case::plain(shape, false), Case::plain(shape, true)]));

@@ -565,9 +565,8 @@ impl Tables {
         if let Some(tables) = cache.get(&key) {
             return Ok(Arc::clone(tables));
         }
-        let (mask, band): (Vec<f32>, Vec<u32>) = bin_geometry(h, w, w, config)
-            .map(|(m, b)| (m as f32, b.map_or(NO_BAND, |b| b as u32)))
-            .unzip();
+        let (mask, band): (Vec<f32>, Vec<u32>) =
+            bin_geometry(h, w, w, config).map(|(m, b)| (m as f32, b.map_or(NO_BAND, |b| b as u32))).unzip();
         let rows = LinePlan::get(d, w)?;
         let cols = LinePlan::get(d, h)?;
         let tables =

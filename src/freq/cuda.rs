@@ -108,9 +108,8 @@ fn spectral_table(d: &CudaDevice, h: usize, w: usize, config: &FreqSplitConfig) 
         return Ok(table.clone());
     }
     let scale = (1.0 / (h as f64 * w as f64)) as f32;
-    let (mask, band): (Vec<f32>, Vec<u8>) = bin_geometry(h, w, w / 2 + 1, config)
-        .map(|(m, b)| (m as f32 * scale, b.map_or(NO_BAND, |b| b as u8)))
-        .unzip();
+    let (mask, band): (Vec<f32>, Vec<u8>) =
+        bin_geometry(h, w, w / 2 + 1, config).map(|(m, b)| (m as f32 * scale, b.map_or(NO_BAND, |b| b as u8))).unzip();
     let band = stream.clone_htod(&band).map_err(dev_err(format!("copying the {h}x{w} band table to the device")))?;
     let table = Arc::new(SpectralTable { mask: d.upload("mask table", &mask)?, band });
     if cache.len() >= MAX_CACHED_TABLES {

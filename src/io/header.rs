@@ -116,7 +116,13 @@ pub fn read_header(path: &str, reader: &mut impl Read, file_len: u64) -> Result<
     entries.into_iter().map(|(name, value)| check_entry(path, name, value, data_start, data_len)).collect()
 }
 
-fn check_entry(path: &str, name: String, value: serde_json::Value, data_start: u64, data_len: u64) -> Result<HeaderEntry> {
+fn check_entry(
+    path: &str,
+    name: String,
+    value: serde_json::Value,
+    data_start: u64,
+    data_len: u64,
+) -> Result<HeaderEntry> {
     let raw: RawEntry = serde_json::from_value(value)
         .map_err(|e| file_error(path, format!("tensor `{name}`: bad header entry: {e}")))?;
     let bits = dtype_bits(&raw.dtype)

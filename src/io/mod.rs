@@ -175,10 +175,9 @@ fn parse(path: &str, entry: &header::HeaderEntry, bytes: &[u8]) -> Result<Stored
         "F32" => Tensor::new(decode(bytes, f32::from_le_bytes), shape).map(Stored::F32),
         "BF16" => Tensor::new(decode(bytes, bf16::from_le_bytes), shape).map(Stored::Bf16),
         "F16" => Tensor::new(decode(bytes, f16::from_le_bytes), shape).map(Stored::F16),
-        other => Err(file_error(
-            path,
-            format!("tensor `{}` has dtype {other}; only F32, BF16 and F16 are read", entry.name),
-        )),
+        other => {
+            Err(file_error(path, format!("tensor `{}` has dtype {other}; only F32, BF16 and F16 are read", entry.name)))
+        }
     }
 }
 

@@ -100,7 +100,14 @@ fn lora_moe_rows<T: LoraMoeDtype>(
         let got = run_op(device, &inputs, &config)?;
         let expected = reference::lora_moe(&inputs, &config)?;
         Ok(vec![
-            CheckRow::compared(format!("{OP}.y{variant}"), device, shape.clone(), &got.y.data, &expected.y.data, tolerance),
+            CheckRow::compared(
+                format!("{OP}.y{variant}"),
+                device,
+                shape.clone(),
+                &got.y.data,
+                &expected.y.data,
+                tolerance,
+            ),
             CheckRow::compared(
                 format!("{OP}.gates{variant}"),
                 device,

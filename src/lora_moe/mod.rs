@@ -22,7 +22,9 @@ mod lowpass;
 
 pub use config::{Band, LoraMoeConfig, LoraMoeDims, LoraMoeInputs, LoraMoeOutput, LoraMoeTensors, OP};
 #[cfg(feature = "cuda")]
-pub use cuda::{CudaBenchProblem, CudaVariant, GemmPlans, LoraMoeLinear, LoraMoeProjection, Schedule, MAX_RANK, MAX_TAPS};
+pub use cuda::{
+    CudaBenchProblem, CudaVariant, GemmPlans, LoraMoeLinear, LoraMoeProjection, Schedule, MAX_RANK, MAX_TAPS,
+};
 pub use dtype::LoraMoeDtype;
 pub use lowpass::{gaussian_taps, token_lowpass, LowpassDims};
 

@@ -300,7 +300,8 @@ fn contained<T>(path: &Path, decode: impl FnOnce() -> Result<T>) -> Result<T> {
         std::panic::set_hook(Box::new(move |info| {
             let message = || {
                 let payload = info.payload();
-                let text = payload.downcast_ref::<&str>().copied().or(payload.downcast_ref::<String>().map(String::as_str));
+                let text =
+                    payload.downcast_ref::<&str>().copied().or(payload.downcast_ref::<String>().map(String::as_str));
                 let at = info.location().map(|l| format!(" at {}:{}", l.file(), l.line())).unwrap_or_default();
                 format!("{}{at}", text.unwrap_or("a panic")).replace('\n', " ")
             };

@@ -182,8 +182,9 @@ fn read_header(path: &Path) -> Result<Vec<(String, StoredTensor)>> {
                 file_error(path, format!("tensor `{}` has dtype {} that candle cannot hold", entry.name, entry.dtype))
             })?;
             // read_header checked the bytes against the file's length, so they are there to read.
-            let bytes = usize::try_from(entry.bytes)
-                .map_err(|_| file_error(path, format!("tensor `{}` is larger than this machine's memory", entry.name)))?;
+            let bytes = usize::try_from(entry.bytes).map_err(|_| {
+                file_error(path, format!("tensor `{}` is larger than this machine's memory", entry.name))
+            })?;
             let stored = StoredTensor { file: shared.clone(), dtype, shape: entry.shape, offset: entry.offset, bytes };
             Ok((entry.name, stored))
         })

@@ -98,7 +98,13 @@ fn prepare_output(dir: &Path, out_dir: &Path) -> Result<()> {
 
 /// Restores `input` to `target`, writing a temporary file beside it first so that an
 /// interrupted run never leaves a partial output a rerun would skip.
-fn restore_one(input: &Path, target: &Path, pipeline: &Pipeline, images: ImageLimitArgs, path: ExecPath) -> Result<String> {
+fn restore_one(
+    input: &Path,
+    target: &Path,
+    pipeline: &Pipeline,
+    images: ImageLimitArgs,
+    path: ExecPath,
+) -> Result<String> {
     let image = images.load(input)?;
     let named = |err: FapeError| file_error(input, err.to_string());
     let restored = restore(&image, pipeline, path).map_err(named)?;

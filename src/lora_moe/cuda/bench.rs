@@ -116,22 +116,15 @@ impl CudaBenchProblem {
     pub fn enqueue(&mut self, variant: CudaVariant) -> Result<()> {
         let LoraMoeDims { batch, tokens, d, n, .. } = self.dims;
         match variant {
-            CudaVariant::Fused => self.layer.forward(
-                &self.x.slice(..),
-                batch,
-                tokens,
-                None,
-                &mut self.y.slice_mut(..),
-                &mut self.gates.slice_mut(..),
-            ),
-            CudaVariant::FusedOverlapped => self.layer.forward_overlapped(
-                &self.x.slice(..),
-                batch,
-                tokens,
-                None,
-                &mut self.y.slice_mut(..),
-                &mut self.gates.slice_mut(..),
-            ),
+            CudaVariant::Fused | CudaVariant::FusedOverlapped => {
+                let forward = if variant == CudaVariant::Fused {
+                    LoraMoeLinear::forward
+                } else {
+                    LoraMoeLinear::forward_overlapped
+                };
+                let (mut y, mut gates) = (self.y.slice_mut(..), self.gates.slice_mut(..));
+                forward(&self.layer, &self.x.slice(..), batch, tokens, None, &mut y, &mut gates)
+            }
             CudaVariant::Unfused => self.unfused.forward(&self.x, &mut self.y),
             CudaVariant::BaseGemm => self.base.gemm_bias(
                 &self.x.slice(..),

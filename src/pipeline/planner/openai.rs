@@ -209,7 +209,10 @@ fn dechunk(mut body: &[u8]) -> std::result::Result<Vec<u8>, String> {
 /// The message content of a chat-completion body: `choices[0].message.content`.
 fn reply_content(status: u16, body: &[u8]) -> std::result::Result<String, String> {
     if status != 200 {
-        return Err(format!("the endpoint answered HTTP {status}: {}", first_chars(&String::from_utf8_lossy(body), 160)));
+        return Err(format!(
+            "the endpoint answered HTTP {status}: {}",
+            first_chars(&String::from_utf8_lossy(body), 160)
+        ));
     }
     let json: serde_json::Value = serde_json::from_slice(body).map_err(|e| format!("the reply is not JSON: {e}"))?;
     json["choices"][0]["message"]["content"]

@@ -136,20 +136,21 @@ impl VaeConfig {
     pub fn validate(&self) -> Result<()> {
         let err = |field, message: String| Err(config_error("vae", field, message));
         if self.block_out_channels.is_empty() || self.block_out_channels.len() > MAX_LEVELS {
-            return err("block_out_channels", format!("has {} levels, not 1 to {MAX_LEVELS}", self.block_out_channels.len()));
+            return err(
+                "block_out_channels",
+                format!("has {} levels, not 1 to {MAX_LEVELS}", self.block_out_channels.len()),
+            );
         }
         if self.in_channels == 0 || self.latent_channels == 0 {
             return err("in_channels/latent_channels", "must be positive".into());
         }
-        let channels = [self.in_channels, self.latent_channels].into_iter().chain(self.block_out_channels.iter().copied());
+        let channels =
+            [self.in_channels, self.latent_channels].into_iter().chain(self.block_out_channels.iter().copied());
         if let Some(c) = channels.into_iter().find(|&c| c > MAX_CHANNELS) {
             return err("block_out_channels", format!("channel count {c} is over the limit of {MAX_CHANNELS}"));
         }
         if self.layers_per_block == 0 || self.layers_per_block > MAX_LAYERS_PER_BLOCK {
-            return err(
-                "layers_per_block",
-                format!("{} is not 1 to {MAX_LAYERS_PER_BLOCK}", self.layers_per_block),
-            );
+            return err("layers_per_block", format!("{} is not 1 to {MAX_LAYERS_PER_BLOCK}", self.layers_per_block));
         }
         if self.norm_groups == 0 {
             return err("norm_groups", "must be positive".into());
