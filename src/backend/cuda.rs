@@ -643,6 +643,47 @@ impl CudaDevice {
         self.stream.synchronize().map_err(dev_err(context))?;
         Ok(host)
     }
+
+    /// A CUDA graph of the work `enqueue` issues on this device's stream, captured (not run)
+    /// in thread-local mode: [`DeviceGraph::launch`] replays it, with the arguments and
+    /// pointers of the capture, at one launch's host cost. `enqueue` must only enqueue on this
+    /// stream: no allocation, synchronisation or host copy (run it once beforehand so that
+    /// cached plans and tables exist).
+    ///
+    /// # Errors
+    /// The error of `enqueue` (the capture is ended and discarded); [`FapeError::Device`] when
+    /// the driver refuses to capture or instantiate, or `enqueue` issued nothing.
+    pub fn capture_graph(&self, enqueue: impl FnOnce() -> Result<()>) -> Result<DeviceGraph> {
+        let mode = cu::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL;
+        self.stream.begin_capture(mode).map_err(dev_err("beginning a stream capture"))?;
+        let enqueued = enqueue();
+        // Ended on every path, so the stream leaves capture mode.
+        let ended = self.stream.end_capture(cu::CUgraphInstantiate_flags(0));
+        enqueued?;
+        match ended.map_err(dev_err("ending the stream capture (or instantiating its graph)"))? {
+            Some(graph) => Ok(DeviceGraph { graph }),
+            None => Err(FapeError::Device {
+                backend: BACKEND,
+                context: "ending the stream capture".into(),
+                message: "nothing was captured".into(),
+            }),
+        }
+    }
+}
+
+/// Work captured from a [`CudaDevice`]'s stream by [`CudaDevice::capture_graph`].
+pub struct DeviceGraph {
+    graph: cudarc::driver::CudaGraph,
+}
+
+impl DeviceGraph {
+    /// Enqueues one replay of the graph on the stream it was captured from.
+    ///
+    /// # Errors
+    /// [`FapeError::Device`] when the launch fails.
+    pub fn launch(&self) -> Result<()> {
+        self.graph.launch().map_err(dev_err("launching a CUDA graph"))
+    }
 }
 
 // ---------------------------------------------------------------------------------------------

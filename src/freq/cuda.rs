@@ -33,7 +33,7 @@ use cudarc::driver::{sys as cu, CudaFunction, CudaSlice, CudaView, CudaViewMut, 
 use super::spectrum::{bin_geometry, table_key, TableKey};
 use super::{output, validate, FreqDims, FreqSplitConfig, FreqSplitOutput, OP};
 use crate::backend::cuda::{
-    dev_err, kernel_int, launch_config, require_library, tiles, CudaDevice, MathLibrary, FREQ_SPLIT_CU,
+    dev_err, kernel_int, launch_config, require_library, tiles, CudaDevice, DeviceGraph, MathLibrary, FREQ_SPLIT_CU,
 };
 use crate::error::{FapeError, Result};
 use crate::tensor::View;
@@ -578,6 +578,25 @@ pub(crate) fn freq_split(
     buffers.download(d)
 }
 
+/// The GPU time of one call of `enqueue`: `reps` calls between two CUDA events on `device`'s
+/// stream, the elapsed time divided by `reps`.
+fn event_time(
+    device: &CudaDevice,
+    reps: usize,
+    mut enqueue: impl FnMut() -> Result<()>,
+) -> Result<std::time::Duration> {
+    let reps = reps.max(1);
+    let stream = device.stream();
+    let timing = Some(cu::CUevent_flags::CU_EVENT_DEFAULT);
+    let start = stream.record_event(timing).map_err(dev_err("recording the start event"))?;
+    for _ in 0..reps {
+        enqueue()?;
+    }
+    let end = stream.record_event(timing).map_err(dev_err("recording the end event"))?;
+    let ms = start.elapsed_ms(&end).map_err(dev_err("reading the elapsed time (or a kernel failed)"))?;
+    Ok(std::time::Duration::from_secs_f64(f64::from(ms) * 1e-3 / reps as f64))
+}
+
 /// Device-resident input and outputs of repeated splits at one shape, for benchmarks and
 /// pipelines that keep data on the GPU.
 pub struct CudaSplitBuffers {
@@ -654,16 +673,27 @@ impl CudaSplitBuffers {
         path: CudaFftPath,
         reps: usize,
     ) -> Result<std::time::Duration> {
-        let reps = reps.max(1);
-        let stream = device.stream();
-        let timing = Some(cu::CUevent_flags::CU_EVENT_DEFAULT);
-        let start = stream.record_event(timing).map_err(dev_err("recording the start event"))?;
-        for _ in 0..reps {
-            self.run(device, config, path)?;
-        }
-        let end = stream.record_event(timing).map_err(dev_err("recording the end event"))?;
-        let ms = start.elapsed_ms(&end).map_err(dev_err("reading the elapsed time (or a kernel failed)"))?;
-        Ok(std::time::Duration::from_secs_f64(f64::from(ms) * 1e-3 / reps as f64))
+        event_time(device, reps, || self.run(device, config, path))
+    }
+
+    /// A CUDA graph of one split of the held buffers through `path` (see
+    /// [`CudaDevice::capture_graph`]); run [`CudaSplitBuffers::run`] once before at this shape
+    /// and config, so that the mask tables and cuFFT plans exist. The three-pass and cuFFT
+    /// routes allocate scratch per split, which the graph then holds as memory nodes.
+    ///
+    /// # Errors
+    /// As [`CudaSplitBuffers::run`]; [`FapeError::Device`] when the capture is refused.
+    pub fn capture(&mut self, device: &CudaDevice, config: &FreqSplitConfig, path: CudaFftPath) -> Result<DeviceGraph> {
+        device.capture_graph(|| self.run(device, config, path))
+    }
+
+    /// The GPU time of one replay of `graph` (from [`CudaSplitBuffers::capture`]), timed as
+    /// [`CudaSplitBuffers::time_runs`] times a split.
+    ///
+    /// # Errors
+    /// [`FapeError::Device`] when a launch or an event call fails.
+    pub fn time_graph(&self, device: &CudaDevice, graph: &DeviceGraph, reps: usize) -> Result<std::time::Duration> {
+        event_time(device, reps, || graph.launch())
     }
 
     /// The host time of enqueueing one split through `path` (launch setup and driver calls,

@@ -10,7 +10,7 @@ use half::bf16;
 use super::fused::{LoraMoeLinear, LoraMoeProjection};
 use super::gemm::GemmPlans;
 use super::unfused::Unfused;
-use crate::backend::cuda::{dev_err, CudaDevice};
+use crate::backend::cuda::{dev_err, CudaDevice, DeviceGraph};
 use crate::error::{FapeError, Result};
 use crate::lora_moe::config::{LoraMoeConfig, LoraMoeDims, LoraMoeTensors, OP};
 
@@ -28,11 +28,15 @@ pub enum CudaVariant {
     /// `y = x W^T + bias` alone (cuBLASLt bf16, bias epilogue): the cost the fused path is
     /// measured against.
     BaseGemm,
+    /// [`Self::Fused`] replayed from a CUDA graph captured on the variant's first run: the
+    /// same kernels at one launch's host cost.
+    FusedGraph,
 }
 
 impl CudaVariant {
     /// Every variant, baseline first.
-    pub const ALL: [CudaVariant; 4] = [Self::BaseGemm, Self::Fused, Self::FusedOverlapped, Self::Unfused];
+    pub const ALL: [CudaVariant; 5] =
+        [Self::BaseGemm, Self::Fused, Self::FusedGraph, Self::FusedOverlapped, Self::Unfused];
 
     /// The variant's name in bench tables.
     pub fn name(self) -> &'static str {
@@ -41,6 +45,7 @@ impl CudaVariant {
             Self::FusedOverlapped => "fused-2gemm",
             Self::Unfused => "unfused",
             Self::BaseGemm => "base-gemm",
+            Self::FusedGraph => "fused-graph",
         }
     }
 }
@@ -58,6 +63,8 @@ pub struct CudaBenchProblem {
     y: CudaSlice<bf16>,
     gates: CudaSlice<f32>,
     dims: LoraMoeDims,
+    /// The graph of [`CudaVariant::FusedGraph`], captured on its first run.
+    graph: Option<DeviceGraph>,
 }
 
 impl CudaBenchProblem {
@@ -101,7 +108,7 @@ impl CudaBenchProblem {
         let rows = dims.batch * dims.tokens;
         let y = stream.alloc_zeros::<bf16>(rows * dims.n).map_err(dev_err("allocating `y`"))?;
         let gates = stream.alloc_zeros::<f32>(rows * dims.experts).map_err(dev_err("allocating `gates`"))?;
-        Ok(Self { device: device.clone(), layer, unfused, base, x, weight, bias, y, gates, dims })
+        Ok(Self { device: device.clone(), layer, unfused, base, x, weight, bias, y, gates, dims, graph: None })
     }
 
     /// The problem's extents.
@@ -124,6 +131,15 @@ impl CudaBenchProblem {
                 };
                 let (mut y, mut gates) = (self.y.slice_mut(..), self.gates.slice_mut(..));
                 forward(&self.layer, &self.x.slice(..), batch, tokens, None, &mut y, &mut gates)
+            }
+            CudaVariant::FusedGraph => {
+                if self.graph.is_none() {
+                    // A plain run first builds the GEMM plans, so the capture only enqueues.
+                    self.enqueue(CudaVariant::Fused)?;
+                    let device = self.device.clone();
+                    self.graph = Some(device.capture_graph(|| self.enqueue(CudaVariant::Fused))?);
+                }
+                self.graph.as_ref().map_or(Ok(()), DeviceGraph::launch)
             }
             CudaVariant::Unfused => self.unfused.forward(&self.x, &mut self.y),
             CudaVariant::BaseGemm => self.base.gemm_bias(
@@ -218,6 +234,10 @@ mod tests {
             let config = LoraMoeConfig { bands, top_k, ..LoraMoeConfig::default() };
             let mut problem = CudaBenchProblem::new(&device, seed as u64, dims, &config).unwrap();
             let fused = problem.run_and_read(CudaVariant::Fused).unwrap();
+            problem.run_and_read(CudaVariant::FusedGraph).unwrap(); // captures, then replays
+                                                                    // Replay only, into a NaN-poisoned y: what it reads back the graph wrote.
+            let replayed = problem.run_and_read(CudaVariant::FusedGraph).unwrap();
+            assert_eq!(replayed, fused, "the graph replay of the fused path differs from a direct run ({dims:?})");
             let overlapped = problem.run_and_read(CudaVariant::FusedOverlapped).unwrap();
             let unfused = problem.run_and_read(CudaVariant::Unfused).unwrap();
             let host = LoraMoeTensors::random(seed as u64, dims, true).cast::<bf16>();

@@ -11,7 +11,7 @@
 #include "mathlib.h"
 
 struct cublasContext {
-    void* stream = nullptr;  // kept for the record: the calls run at once
+    void* stream = nullptr;  // the calls run at once, or at a graph's replay when it is capturing
 };
 using cublasHandle_t = cublasContext*;
 
@@ -100,6 +100,10 @@ cublasStatus_t gemm_ex(const char* fn, cublasHandle_t handle, int transa, int tr
     const emu::Matrix c{C, c_type, m, n, ldc, stride_c};
     const emu::Gemm g{fn, ta, tb, m, n, k, batch, *static_cast<const float*>(alpha), *static_cast<const float*>(beta),
                       a, b, c, c, nullptr, 0};
+    if (emu::capturing(handle->stream))
+        return emu::capture(handle->stream, [g] { return emu::gemm(g) == emu::GemmResult::Ok; })
+                   ? CUBLAS_STATUS_SUCCESS
+                   : CUBLAS_STATUS_INVALID_VALUE;
     switch (emu::gemm(g)) {
     case emu::GemmResult::Ok: return CUBLAS_STATUS_SUCCESS;
     case emu::GemmResult::OutOfRange: return CUBLAS_STATUS_INVALID_VALUE;
@@ -201,7 +205,8 @@ EMU_EXPORT cublasStatus_t cublasDestroy_v2(cublasHandle_t handle)
     return CUBLAS_STATUS_SUCCESS;
 }
 
-// Stores the stream (calls run at once anyway); NOT_INITIALIZED for a null handle.
+// Stores the stream (calls run at once, or are captured when it is capturing); NOT_INITIALIZED
+// for a null handle.
 EMU_EXPORT cublasStatus_t cublasSetStream_v2(cublasHandle_t handle, void* stream)
 {
     if (handle == nullptr) return CUBLAS_STATUS_NOT_INITIALIZED;

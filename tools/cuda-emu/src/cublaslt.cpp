@@ -268,7 +268,8 @@ EMU_EXPORT cublasStatus_t cublasLtMatmulAlgoGetHeuristic(cublasLtHandle_t handle
     return CUBLAS_STATUS_SUCCESS;
 }
 
-// D = alpha op(A) op(B) + beta C (+ bias), computed at once (the stream is not needed). Refused:
+// D = alpha op(A) op(B) + beta C (+ bias), computed at once, or at a graph's replay when `stream`
+// is capturing (validated at the call either way, as cuBLASLt does). Refused:
 // a null handle (NOT_INITIALIZED); a null alpha or beta, an algorithm not from the heuristic, a
 // workspace smaller than the algorithm asked for, C == D with different layouts, the GEMM's
 // errors (see describe) (INVALID_VALUE); an operand less aligned than the preference promised
@@ -280,7 +281,7 @@ EMU_EXPORT cublasStatus_t cublasLtMatmul(cublasLtHandle_t handle, cublasLtMatmul
                                          cublasLtMatrixLayout_t B, const void* beta, const void* c,
                                          cublasLtMatrixLayout_t C, void* d, cublasLtMatrixLayout_t D,
                                          const cublasLtMatmulAlgo_t* algo, void* workspace, size_t workspace_size,
-                                         void* /*stream*/)
+                                         void* stream)
 {
     const char* fn = "cublasLtMatmul";
     if (handle == nullptr) return CUBLAS_STATUS_NOT_INITIALIZED;
@@ -319,6 +320,9 @@ EMU_EXPORT cublasStatus_t cublasLtMatmul(cublasLtHandle_t handle, cublasLtMatmul
     g.b.ptr = b;
     g.c.ptr = c;
     g.d.ptr = d;
+    if (emu::capturing(stream))
+        return emu::capture(stream, [g] { return emu::gemm(g) == emu::GemmResult::Ok; }) ? CUBLAS_STATUS_SUCCESS
+                                                                                          : CUBLAS_STATUS_INVALID_VALUE;
     switch (emu::gemm(g)) {
     case emu::GemmResult::Ok: return CUBLAS_STATUS_SUCCESS;
     case emu::GemmResult::OutOfRange: return CUBLAS_STATUS_INVALID_VALUE;

@@ -49,7 +49,7 @@ struct Plan {
     int64_t n[3];
     int64_t batch;
     Layout real, complex;
-    void* stream;  // kept for the record: the transforms run at once
+    void* stream;  // the transforms run at once, or at a graph's replay when it is capturing
 };
 
 std::mutex g_lock;
@@ -159,6 +159,10 @@ cufftResult exec(const char* fn, int id, int type, const void* in, void* out)
         p = it->second;
     }
     if (p.type != type) return CUFFT_INVALID_PLAN;
+    // On a capturing stream the transform (and the rest of its validation) runs at the replay.
+    if (emu::capturing(p.stream))
+        return emu::capture(p.stream, [=] { return exec(fn, id, type, in, out) == CUFFT_SUCCESS; }) ? CUFFT_SUCCESS
+                                                                                                  : CUFFT_EXEC_FAILED;
     if (reinterpret_cast<uintptr_t>(in) % COMPLEX != 0 || reinterpret_cast<uintptr_t>(out) % COMPLEX != 0)
         return CUFFT_INVALID_VALUE;
     const bool r2c = type == CUFFT_R2C;
@@ -298,7 +302,8 @@ EMU_EXPORT cufftResult cufftPlanMany(int* plan, int rank, int* n, int* inembed, 
     return CUFFT_SUCCESS;
 }
 
-// Stores the stream (transforms run at once anyway); INVALID_PLAN for an unknown plan.
+// Stores the stream (transforms run at once, or are captured when it is capturing);
+// INVALID_PLAN for an unknown plan.
 EMU_EXPORT cufftResult cufftSetStream(int plan, void* stream)
 {
     std::lock_guard<std::mutex> lock(g_lock);

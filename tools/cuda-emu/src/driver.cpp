@@ -114,6 +114,24 @@ CUresult submit(Stream* s, Op op)
     return op(s);
 }
 
+}  // namespace
+
+bool emu::capturing(void* stream)
+{
+    const Stream* s = stream_of(stream);
+    return s != nullptr && s->capture != nullptr;
+}
+
+bool emu::capture(void* stream, std::function<bool()> work)
+{
+    Stream* s = stream_of(stream);
+    if (s == nullptr || s->capture == nullptr) return false;
+    s->capture->ops.push_back([work = std::move(work)](Stream*) { return work() ? CUDA_SUCCESS : CUDA_ERROR_LAUNCH_FAILED; });
+    return true;
+}
+
+namespace {
+
 CUresult bad_range(const char* fn, const void* p, size_t bytes)
 {
     emu::report("memcheck", std::string(fn) + ": " + std::to_string(bytes) + " bytes at " + emu::describe_address(p) +

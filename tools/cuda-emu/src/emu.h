@@ -5,6 +5,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <functional>
 #include <string>
 
 namespace emu {
@@ -49,5 +50,13 @@ uint64_t free_generation();
 
 // Copies the written-bits of [src, src + bytes) to dst (device-to-device copies).
 void copy_written(void* dst, const void* src, size_t bytes);
+
+// Whether `stream` (a driver stream handle) is capturing into a graph.
+bool capturing(void* stream);
+// Records `work` in `stream`'s capture (`capturing(stream)` must hold): a replay runs it, and
+// its failure (false) becomes the stream's error, as a failed kernel's does. The math-library
+// stand-ins compute at once outside a capture (every stream operation here runs in order as it
+// is issued) and through this inside one. False for a stream that is not capturing.
+bool capture(void* stream, std::function<bool()> work);
 
 }  // namespace emu

@@ -593,8 +593,10 @@ private:
     {
         std::unique_lock<std::mutex> g(lock_);
         for (;;) {
-            wake_.wait(g, [&] { return pending() != nullptr; });
-            Launch* l = pending();
+            // The launch the wait saw is the one joined: blocks are claimed without the lock,
+            // so a second pending() could find every block taken and return null.
+            Launch* l = nullptr;
+            wake_.wait(g, [&] { return (l = pending()) != nullptr; });
             ++l->joined;
             g.unlock();
             run_blocks(*l);

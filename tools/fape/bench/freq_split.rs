@@ -6,7 +6,8 @@
 //! between CUDA events (`fape` = this crate's kernels, `cufft+mask` = cuFFT R2C, the mask and
 //! energy kernel, cuFFT C2R and a subtraction), then one split per run timed on the host from
 //! enqueue to synchronise (`fape host-to-host`, the latents' 10 us bar) and the host time of
-//! the enqueue alone (`fape enqueue`; its rate column is not a bandwidth). Host backends are timed on the host, and the
+//! the enqueue alone (`fape enqueue`; its rate column is not a bandwidth), and the split as one
+//! CUDA graph replay (`fape graph`, where the route can be captured). Host backends are timed on the host, and the
 //! Cube backend's time includes its transfers (variant `cube+copies`). The CPU skips shapes
 //! above `--cpu-max-pixels` (too slow to be useful).
 
@@ -114,6 +115,11 @@ pub fn run(args: Args) -> Result<()> {
                     })?;
                     push("fape host-to-host", host_to_host);
                     push("fape enqueue", measure(plan, || buffers.time_enqueue(d, &config, auto, reps))?);
+                    // The repeated call as one graph launch (the tables and plans exist by now).
+                    match buffers.capture(d, &config, auto) {
+                        Ok(graph) => push("fape graph", measure(plan, || buffers.time_graph(d, &graph, reps))?),
+                        Err(e) => lines.push(format!("bench: no `fape graph` row at {label}: {e}")),
+                    }
                 }
                 _ if device.kind() == DeviceKind::Cpu && len > args.cpu_max_pixels => {
                     lines.push(format!(
