@@ -109,8 +109,8 @@ fn a_wrong_ldmatrix_row_address_fails_the_check() {
     let dir = planted(
         "ldmatrix",
         "attention.cu",
-        "ldmatrix_x4(q_frag[kk], s_q + (warp * 16 + (lane & 15)) * STRIDE",
-        "ldmatrix_x4(q_frag[kk], s_q + (warp * 16 + (lane & 7)) * STRIDE",
+        "return s_q + (warp * WARP_ROWS + mt * 16 + (lane & 15)) * STRIDE",
+        "return s_q + (warp * WARP_ROWS + mt * 16 + (lane & 7)) * STRIDE",
     );
     caught("a_wrong_ldmatrix_row_address_fails_the_check", "attention", &dir, "", "FAIL");
 }

@@ -60,6 +60,11 @@ int cufftExecR2C(int plan, float* idata, float* odata);
 int cufftExecC2R(int plan, float* idata, float* odata);
 }
 
+// The driver's stream capture (driver.cpp) is not part of this build: no stream is capturing,
+// so every call computes at once.
+bool emu::capturing(void*) { return false; }
+bool emu::capture(void*, std::function<bool()>) { return false; }
+
 namespace {
 
 // Status codes and enum values (cuBLAS 13, cuFFT 12).
